@@ -1,0 +1,53 @@
+// Device-side launchers of sdkernels::scale_bias_add_relu (forward and backward).
+//
+// No torch headers here: this header and scale_bias_add_relu_kernel.cu compile with a
+// bare nvcc (CI has a CPU torch and no GPU). The torch-facing host code lives in
+// scale_bias_add_relu_cuda.cpp. All pointers are to dense tensors in one of two layouts:
+//   channels_last == false: [N, C, inner] contiguous, channel of flat index i = (i / inner) % C
+//   channels_last == true:  [N * inner, C] contiguous, channel of flat index i = i % C
+// Launchers return the result of cudaGetLastError() after their launches.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace sdkernels {
+namespace cuda {
+
+// out = relu(x * scale[c] + bias[c] + residual), math in acc_t (float, or double for
+// double). param_t (type of scale and bias) is scalar_t or float.
+// Instantiated for (scalar_t, param_t) in {(float, float), (double, double),
+// (double, float), (__half, __half), (__half, float), (__nv_bfloat16, __nv_bfloat16),
+// (__nv_bfloat16, float)}.
+template <typename scalar_t, typename param_t>
+cudaError_t launch_scale_bias_add_relu_forward(
+    const scalar_t* x, const param_t* scale, const param_t* bias, const scalar_t* residual,
+    scalar_t* out, int64_t numel, int64_t C, int64_t inner, bool channels_last,
+    cudaStream_t stream);
+
+// g = out > 0 ? grad_out : 0; grad_residual = g; grad_x = g * scale[c].
+template <typename scalar_t, typename param_t>
+cudaError_t launch_scale_bias_add_relu_backward_elementwise(
+    const scalar_t* grad_out, const scalar_t* out, const param_t* scale, scalar_t* grad_x,
+    scalar_t* grad_residual, int64_t numel, int64_t C, int64_t inner, bool channels_last,
+    cudaStream_t stream);
+
+// Number of partial sums per channel the reduction below writes (>= 1, <= 65535).
+int64_t scale_bias_add_relu_reduce_splits(int64_t numel, int64_t C);
+
+// Per-channel partial sums, deterministic (fixed work split, fixed-order tree reduction):
+// partial_gx[c * splits + s] = sum over split s of g * x and partial_g[...] = sum of g,
+// with g = out > 0 ? grad_out : 0, accumulated in acc_t (float for float/half/bfloat16,
+// double for double). The caller sums the [C, splits] partials over splits.
+// Requires numel > 0 and C > 0.
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_scale_bias_add_relu_backward_reduce(
+    const scalar_t* grad_out, const scalar_t* out, const scalar_t* x, acc_t* partial_gx,
+    acc_t* partial_g, int64_t numel, int64_t C, int64_t inner, bool channels_last,
+    int64_t splits, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace sdkernels

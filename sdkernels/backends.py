@@ -1,0 +1,177 @@
+"""Which backend runs the fused ops, and how to force one.
+
+Backends, in order of preference for the automatic choice:
+
+``extension``  the compiled ops in ``sdkernels._C`` (``torch.ops.sdkernels.*``), CPU
+               always, CUDA when the package was built with the CUDA toolkit.
+``triton``     Triton kernels for CUDA devices (none ship in this version yet).
+``reference``  plain PyTorch (``sdkernels.ops.reference``): always available.
+
+The choice is made per device. A forced backend (:func:`use_backend`) that cannot run on
+a tensor's device is an error, never a silent switch; the automatic choice falls back
+to ``reference`` and warns once, saying why.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["BACKENDS", "BackendInfo", "backend_info", "use_backend", "resolve_backend",
+           "BackendUnavailableError"]
+
+BACKENDS = ("extension", "triton", "reference")
+
+# The forced backend is process-wide (a plain module global rather than a ContextVar)
+# because torch.compile can trace a global read, and guards on it, but graph-breaks on
+# ContextVar.get in every block.
+_forced: str | None = None
+_auto: dict[str, str] = {}  # device type -> automatic choice, decided once
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here."""
+
+
+def _extension_status(device_type: str) -> tuple[bool, str]:
+    from .ops import extension
+
+    if not extension.is_available():
+        return False, f"compiled extension not loaded: {extension.unavailable_reason()}"
+    if device_type == "cuda" and not extension.built_with_cuda():
+        return False, "compiled extension was built without CUDA kernels"
+    if device_type not in ("cpu", "cuda"):
+        return False, f"compiled extension has no kernels for device type {device_type!r}"
+    return True, ""
+
+
+def _triton_status(device_type: str) -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    return False, "this version of sdkernels ships no Triton kernels yet"
+
+
+_status_cache: dict[tuple[str, str], tuple[bool, str]] = {}
+
+
+def _status(name: str, device_type: str) -> tuple[bool, str]:
+    """(available, why not) of a backend on a device type; fixed for the process."""
+    key = (name, device_type)
+    if key not in _status_cache:
+        if name == "extension":
+            _status_cache[key] = _extension_status(device_type)
+        elif name == "triton":
+            _status_cache[key] = _triton_status(device_type)
+        else:
+            _status_cache[key] = (True, "")
+    return _status_cache[key]
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown sdkernels backend {name!r}: expected one of {BACKENDS}")
+
+
+def resolve_backend(device: torch.device | str) -> str:
+    """The backend that runs ops on ``device`` now (forced or automatic)."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if _forced is not None:
+        ok, why = _status(_forced, device_type)
+        if not ok:
+            raise BackendUnavailableError(
+                f"sdkernels backend {_forced!r} cannot run on {device_type}: {why}")
+        return _forced
+    choice = _auto.get(device_type)
+    if choice is None:
+        choice = _auto[device_type] = _choose(device_type)
+    return choice
+
+
+def _choose(device_type: str) -> str:
+    for name in ("extension", "triton"):
+        if _status(name, device_type)[0]:
+            return name
+    why = _extension_status(device_type)[1]
+    warnings.warn(f"sdkernels: using the reference PyTorch ops on {device_type} ({why})",
+                  RuntimeWarning, stacklevel=4)
+    return "reference"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a ``with`` block (process-wide, not per thread).
+
+    Raises ``BackendUnavailableError`` at once if the backend cannot run on any device
+    here, and when an op meets a tensor on a device the backend does not support.
+    """
+    _check_name(name)
+    ok_anywhere = any(_status(name, d)[0] for d in ("cpu", "cuda"))
+    if not ok_anywhere:
+        raise BackendUnavailableError(
+            f"sdkernels backend {name!r} is not available: {_status(name, 'cpu')[1]}")
+    global _forced
+    previous, _forced = _forced, name
+    try:
+        yield name
+    finally:
+        _forced = previous
+
+
+@dataclass
+class BackendInfo:
+    """What :func:`backend_info` reports; ``str()`` gives a readable summary."""
+
+    active: dict[str, str]
+    available: dict[str, dict[str, str | bool]]
+    forced: str | None
+    versions: dict[str, str] = field(default_factory=dict)
+    extension_path: str | None = None
+
+    def __str__(self) -> str:
+        lines = ["sdkernels backends"]
+        for name, devs in self.available.items():
+            parts = []
+            for dev in ("cpu", "cuda"):
+                why = devs[dev]
+                parts.append(f"{dev}: {'yes' if why == '' else 'no (' + why + ')'}")
+            lines.append(f"  {name:<10} " + "; ".join(parts))
+        lines.append("  runs now: " + ", ".join(f"{d} -> {b}" for d, b in self.active.items())
+                     + (f" (forced: {self.forced})" if self.forced else ""))
+        if self.extension_path:
+            lines.append(f"  extension: {self.extension_path}")
+        lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()))
+        return "\n".join(lines)
+
+
+def backend_info() -> BackendInfo:
+    """Which backends are available on which device type, and which one runs."""
+    from .ops import extension
+
+    available = {}
+    for name in BACKENDS:
+        available[name] = {d: ("" if ok else why)
+                           for d in ("cpu", "cuda") for ok, why in [_status(name, d)]}
+    active = {}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for d in devices:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                active[d] = resolve_backend(d)
+        except BackendUnavailableError as e:
+            active[d] = f"error: {e}"
+    versions = {"torch": torch.__version__}
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = "not installed"
+    if torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
+    return BackendInfo(active=active, available=available, forced=_forced,
+                       versions=versions,
+                       extension_path=extension.library_path() if extension.is_available() else None)

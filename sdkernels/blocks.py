@@ -1,0 +1,350 @@
+"""Drop-in residual blocks whose dropped work is really skipped.
+
+``BasicBlock`` and ``Bottleneck`` take torchvision's constructor arguments and keep its
+parameter names and state_dict keys, plus keyword-only ``survival_prob``, ``mode`` and
+``scaling`` (DESIGN 2):
+
+* training, ``mode="batch"``: one gate b ~ Bernoulli(p) per forward. b = 1:
+  ``relu(shortcut(x) + s * f(x))``; b = 0: ``relu(shortcut(x))`` and nothing of the
+  residual branch f runs (no convolution, no BN statistics or running-stat update, no
+  autograd node). With an identity shortcut the input itself is returned.
+* training, ``mode="row"``: one gate per sample; f runs on the surviving samples only
+  (gathered), so its BN statistics are the survivors'.
+* ``scaling="test"`` (the paper): s = 1 in training, eval computes
+  ``relu(shortcut(x) + p * f(x))``. ``scaling="train"`` (torchvision/timm): s = 1/p in
+  training, eval computes ``relu(shortcut(x) + f(x))``.
+
+The naive stochastic depth that torchvision and timm implement (compute f, multiply by
+the mask) is available as ``drop_impl="mask"``: it is the baseline of the benchmarks.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import ops
+from .gates import GateGenerator, default_generator
+from .ops import reference
+from .schedule import check_prob
+
+__all__ = ["StochasticDepthBlock", "BasicBlock", "Bottleneck", "MODES", "SCALINGS",
+           "DROPPED_GRADS", "DROP_IMPLS"]
+
+MODES = ("batch", "row")
+SCALINGS = ("test", "train")
+DROPPED_GRADS = ("auto", "zeros", "none")
+DROP_IMPLS = ("skip", "mask")
+
+
+def _choice(value, allowed, what):
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}: expected one of {allowed}")
+    return value
+
+
+def _is_identity(m) -> bool:
+    return m is None or isinstance(m, nn.Identity) or (
+        type(m) is nn.Sequential and len(m) == 0)
+
+
+class _ZeroGradTie(torch.autograd.Function):
+    """Identity on ``out`` that gives each of ``params`` a zero gradient.
+
+    DDP with its defaults (no ``find_unused_parameters``) waits for a gradient of every
+    parameter; a dropped block's parameters would never get one. Tying them to the
+    block's output costs one small zeros tensor per parameter in backward, no compute.
+    """
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.meta = [(p.shape, p.dtype, p.device) for p in params]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta])
+
+
+def _bn_tail(bn: nn.Module, y, residual, gate_scale: float):
+    """relu(residual + gate_scale * bn(y)), fused where ``bn`` is a plain BatchNorm.
+
+    Mirrors ``nn.modules.batchnorm._BatchNorm.forward`` (momentum=None cumulative
+    average, num_batches_tracked, track_running_stats=False) so that a converted model
+    updates its buffers exactly as the original does. Other norms (SyncBatchNorm,
+    FrozenBatchNorm2d, GroupNorm, ...) are called as modules, then added and rectified.
+    """
+    if type(bn) in (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d):
+        bn._check_input_dim(y)
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        track = not bn.training or bn.track_running_stats
+        return ops.batch_norm_add_relu(
+            y, residual, bn.weight, bn.bias,
+            bn.running_mean if track else None, bn.running_var if track else None,
+            training=use_batch_stats, momentum=momentum, eps=bn.eps, gate_scale=gate_scale)
+    z = bn(y)
+    if gate_scale != 1.0:
+        z = z * gate_scale
+    return torch.relu(z + residual)
+
+
+class StochasticDepthBlock(nn.Module):
+    """Base of the stochastic-depth residual blocks.
+
+    Subclasses define ``_branch(x)`` (the residual branch up to, not including, its last
+    norm), ``_last_norm`` (that norm) and ``_branch_modules`` (for zero gradients).
+    The shortcut module lives under ``downsample`` (torchvision/timm) or another
+    attribute named by ``_shortcut_attr`` (``shortcut`` in common CIFAR code), so that
+    state_dict keys stay those of the block it replaces.
+    """
+
+    _shortcut_attr = "downsample"
+
+    def _init_sd(self, survival_prob, mode, scaling, gate_generator, dropped_grads, drop_impl):
+        self.survival_prob = survival_prob
+        self.mode = mode
+        self.scaling = scaling
+        self.gate_generator = gate_generator
+        self.dropped_grads = dropped_grads
+        self.drop_impl = drop_impl
+        self.last_gate = None
+        self._sd_origin = None  # what revert() rebuilds; set by convert()
+
+    # -- settable, validated attributes (users inspect and anneal them) ---------------
+    @property
+    def survival_prob(self) -> float:
+        return self._survival_prob
+
+    @survival_prob.setter
+    def survival_prob(self, p):
+        self._survival_prob = check_prob(p)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value):
+        self._mode = _choice(value, MODES, "mode")
+
+    @property
+    def scaling(self) -> str:
+        return self._scaling
+
+    @scaling.setter
+    def scaling(self, value):
+        self._scaling = _choice(value, SCALINGS, "scaling")
+
+    @property
+    def dropped_grads(self) -> str:
+        return self._dropped_grads
+
+    @dropped_grads.setter
+    def dropped_grads(self, value):
+        self._dropped_grads = _choice(value, DROPPED_GRADS, "dropped_grads")
+
+    @property
+    def drop_impl(self) -> str:
+        return self._drop_impl
+
+    @drop_impl.setter
+    def drop_impl(self, value):
+        self._drop_impl = _choice(value, DROP_IMPLS, "drop_impl")
+
+    @property
+    def gate_generator(self) -> GateGenerator | None:
+        return self._gate_generator
+
+    @gate_generator.setter
+    def gate_generator(self, g):
+        if g is not None and not isinstance(g, GateGenerator):
+            raise TypeError(f"gate_generator must be a sdkernels GateGenerator, got {type(g)}")
+        self._gate_generator = g
+
+    def extra_repr(self) -> str:
+        return (f"survival_prob={self.survival_prob:.4g}, mode={self.mode!r}, "
+                f"scaling={self.scaling!r}")
+
+    # -- pieces -----------------------------------------------------------------------
+    @property
+    def shortcut_module(self):
+        return getattr(self, self._shortcut_attr, None)
+
+    def _shortcut(self, x):
+        m = self.shortcut_module
+        return x if m is None else m(x)
+
+    def _generator(self) -> GateGenerator:
+        return self._gate_generator or default_generator()
+
+    def _want_zero_grads(self) -> bool:
+        if self._dropped_grads == "zeros":
+            return True
+        if self._dropped_grads == "none":
+            return False
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _dropped(self, x):
+        m = self.shortcut_module
+        out = x if _is_identity(m) else torch.relu(m(x))
+        if torch.is_grad_enabled() and self._want_zero_grads():
+            params = [p for mod in self._branch_modules() for p in mod.parameters()
+                      if p.requires_grad]
+            out = _ZeroGradTie.apply(out, *params)
+        return out
+
+    def _active(self, x, gate_scale: float):
+        y = self._branch(x)
+        return _bn_tail(self._last_norm, y, self._shortcut(x), gate_scale)
+
+    def _active_rows(self, x, keep: torch.Tensor, gate_scale: float):
+        # keep is a CPU bool tensor: the number of survivors is known on the host
+        # without a device sync.
+        n_keep = int(keep.sum())
+        if n_keep == 0:
+            return self._dropped(x)
+        if n_keep == x.shape[0]:
+            return self._active(x, gate_scale)
+        idx = keep.nonzero().squeeze(1)
+        if x.device.type == "cuda":
+            idx = idx.pin_memory().to(x.device, non_blocking=True)
+        else:
+            idx = idx.to(x.device)
+        y = self._branch(x.index_select(0, idx))
+        m = self.shortcut_module
+        sc = self._shortcut(x)
+        t = _bn_tail(self._last_norm, y, sc.index_select(0, idx), gate_scale)
+        base = sc if _is_identity(m) else torch.relu(sc)
+        return base.index_copy(0, idx, t.to(base.dtype))
+
+    def _mask_forward(self, x, keep: torch.Tensor, gate_scale: float):
+        # torchvision / timm: compute everything, then multiply by the mask.
+        f = self._last_norm(self._branch(x))
+        return torch.relu(self._shortcut(x) + reference.mask_multiply(f, keep, gate_scale))
+
+    def forward(self, x):
+        p = self._survival_prob
+        if not self.training:
+            return self._active(x, p if self._scaling == "test" else 1.0)
+        s = 1.0 if self._scaling == "test" else 1.0 / p
+        gen = self._generator()
+        if self._mode == "batch":
+            gate = gen.batch(p)
+            self.last_gate = gate
+            if self._drop_impl == "mask":
+                return self._mask_forward(x, torch.tensor([gate]), s)
+            return self._active(x, s) if gate else self._dropped(x)
+        keep = gen.rows(p, x.shape[0])
+        self.last_gate = keep
+        if self._drop_impl == "mask":
+            return self._mask_forward(x, keep, s)
+        return self._active_rows(x, keep, s)
+
+    # -- revert -----------------------------------------------------------------------
+    def to_plain(self) -> nn.Module:
+        """A plain residual block with the same modules (shared, not copied)."""
+        origin = self._sd_origin
+        if origin is None:
+            from .models import resnet as plain_models
+            cls = plain_models.Bottleneck if isinstance(self, Bottleneck) else plain_models.BasicBlock
+            order = list(self._modules)
+            plain = cls.__new__(cls)
+            nn.Module.__init__(plain)
+            plain.stride = getattr(self, "stride", 1)
+            modules = self._modules
+        else:
+            cls, attrs, saved, order = origin
+            plain = cls.__new__(cls)
+            plain.__dict__.update(dict(attrs))
+            plain._parameters = OrderedDict()
+            plain._buffers = OrderedDict()
+            modules = dict(saved)
+            modules.update(self._modules)
+        plain._parameters.update(self._parameters)
+        plain._buffers.update(self._buffers)
+        plain._modules = OrderedDict((n, modules[n]) for n in order if n in modules)
+        plain.train(self.training)
+        return plain
+
+
+class BasicBlock(StochasticDepthBlock):
+    """torchvision's BasicBlock (Conv3x3-BN-ReLU-Conv3x3-BN + shortcut) with stochastic depth."""
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None,
+                 *, survival_prob: float = 1.0, mode: str = "batch", scaling: str = "test",
+                 gate_generator: GateGenerator | None = None, dropped_grads: str = "auto",
+                 drop_impl: str = "skip"):
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_sd(survival_prob, mode, scaling, gate_generator, dropped_grads, drop_impl)
+
+    @property
+    def _last_norm(self):
+        return self.bn2
+
+    def _branch_modules(self):
+        return (self.conv1, self.bn1, self.conv2, self.bn2)
+
+    def _branch(self, x):
+        return self.conv2(self.relu(self.bn1(self.conv1(x))))
+
+
+class Bottleneck(StochasticDepthBlock):
+    """torchvision's Bottleneck (1x1-BN-ReLU-3x3-BN-ReLU-1x1-BN + shortcut) with stochastic depth."""
+
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None,
+                 *, survival_prob: float = 1.0, mode: str = "batch", scaling: str = "test",
+                 gate_generator: GateGenerator | None = None, dropped_grads: str = "auto",
+                 drop_impl: str = "skip"):
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = nn.Conv2d(inplanes, width, 1, 1, bias=False)
+        self.bn1 = norm_layer(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, dilation, groups=groups, bias=False,
+                               dilation=dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, 1, bias=False)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_sd(survival_prob, mode, scaling, gate_generator, dropped_grads, drop_impl)
+
+    @property
+    def _last_norm(self):
+        return self.bn3
+
+    def _branch_modules(self):
+        return (self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3)
+
+    def _branch(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        return self.conv3(y)

@@ -1,0 +1,58 @@
+"""Functional ops: stateless, everything passed as arguments, backend chosen per call.
+
+Modules (``sdkernels.blocks``) call these; these call a backend (``extension``,
+``triton`` or ``reference``, see :mod:`sdkernels.backends`). Gates, gate scales and
+statistics come in as arguments: nothing here reads hidden state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import extension, reference
+from ..backends import resolve_backend
+
+__all__ = ["scale_bias_add_relu", "batch_norm_add_relu", "reference", "extension"]
+
+
+def scale_bias_add_relu(x, scale, bias, residual):
+    """relu(x * scale[c] + bias[c] + residual) on the active backend."""
+    if resolve_backend(x.device) == "extension":
+        return extension.scale_bias_add_relu(x, scale, bias, residual)
+    return reference.scale_bias_add_relu(x, scale, bias, residual)
+
+
+def batch_norm_add_relu(y, residual, weight, bias, running_mean, running_var, *,
+                        training: bool, momentum: float, eps: float,
+                        gate_scale: float = 1.0):
+    """relu(residual + gate_scale * batch_norm(y)): the end of every residual block.
+
+    ``training`` means "normalise with batch statistics" (and update the running ones
+    when given), as in ``F.batch_norm``. ``gate_scale`` is s = 1 or 1/p_l in training,
+    p_l or 1 in eval (DESIGN 2).
+    """
+    backend = resolve_backend(y.device)
+    if backend == "reference":
+        return reference.batch_norm_add_relu(
+            y, residual, weight, bias, running_mean, running_var,
+            training=training, momentum=momentum, eps=eps, gate_scale=gate_scale)
+    if residual.dtype != y.dtype:  # autocast can hand a block an fp32 residual
+        residual = residual.to(y.dtype)
+    C = y.shape[1]
+    if training:
+        # ATen normalises (one reduction pass + running-stat update, differentiable
+        # through the batch statistics); gamma, beta and the gate scale ride along in
+        # the fused pass, so a surviving block pays no extra multiply for s.
+        x_hat = F.batch_norm(y, running_mean, running_var, None, None, True, momentum, eps)
+        scale = weight if weight is not None else y.new_ones(C, dtype=torch.float32)
+        shift = bias if bias is not None else y.new_zeros(C, dtype=torch.float32)
+        if gate_scale != 1.0:
+            scale, shift = scale * gate_scale, shift * gate_scale
+        return extension.scale_bias_add_relu(x_hat, scale, shift, residual)
+    # Eval: running statistics, gamma, beta and p_l folded into one scale and bias.
+    invstd = torch.rsqrt(running_var + eps)
+    scale = invstd if weight is None else weight * invstd
+    shift = -running_mean * scale if bias is None else bias - running_mean * scale
+    if gate_scale != 1.0:
+        scale, shift = scale * gate_scale, shift * gate_scale
+    return extension.scale_bias_add_relu(y, scale, shift, residual)
