@@ -28,6 +28,7 @@ BUILD_JSON = os.path.join("csrc", "build.json")
 
 try:
     import torch
+    from torch.utils import cpp_extension
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 except ImportError as exc:  # pragma: no cover - depends on the environment
     sys.exit(
@@ -52,11 +53,18 @@ def _find_cuda_toolkit() -> str | None:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
         candidates.append(os.path.dirname(os.path.dirname(nvcc)))
     candidates.append("/usr/local/cuda")
-    for home in candidates:
-        if home and any(os.path.isfile(os.path.join(home, "bin", exe))
-                        for exe in ("nvcc", "nvcc.exe")):
+    found = [h for h in candidates
+             if h and any(os.path.isfile(os.path.join(h, "bin", exe))
+                          for exe in ("nvcc", "nvcc.exe"))]
+    # Prefer a full toolkit (headers next to nvcc) over e.g. a bare nvcc wrapper script.
+    for home in found:
+        if _has_cuda_headers(home):
             return home
-    return None
+    return found[0] if found else None
+
+
+def _has_cuda_headers(home: str | None) -> bool:
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
 
 
 def _cuda_decision() -> tuple[bool, str]:
@@ -109,6 +117,9 @@ def _extensions():
                  or cfg["default_cuda_archs"])
         print(f"sdkernels: building CUDA sources for archs {archs}: {why}", flush=True)
         sources += cfg["sources"]["cuda"]
+        toolkit = _find_cuda_toolkit()
+        if not _has_cuda_headers(cpp_extension.CUDA_HOME) and _has_cuda_headers(toolkit):
+            cpp_extension.CUDA_HOME = toolkit  # torch's own guess found no headers
         ext = CUDAExtension(
             name=cfg["extension"],
             sources=sources,

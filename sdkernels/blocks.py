@@ -270,6 +270,8 @@ class StochasticDepthBlock(nn.Module):
         plain._parameters.update(self._parameters)
         plain._buffers.update(self._buffers)
         plain._modules = OrderedDict((n, modules[n]) for n in order if n in modules)
+        if origin is None and "downsample" not in plain._modules:
+            plain.downsample = None  # torchvision's forward reads it
         plain.train(self.training)
         return plain
 

@@ -109,6 +109,9 @@ class FixedGates(GateGenerator):
     def rows(self, p: float, n: int) -> torch.Tensor:
         return torch.full((n,), self.active, dtype=torch.bool)
 
+    def __reduce__(self):
+        return (FixedGates, (self.active,))
+
     def __deepcopy__(self, memo):
         return FixedGates(self.active)
 

@@ -56,134 +56,170 @@ Geometry geometry_of(const at::Tensor& x) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The loops below live in functions whose pointer parameters are __restrict__ (rather
+// than in the parallel_for lambdas, whose by-reference captures defeat the vectoriser).
+
+// Rows [r0, r1) of a [rows, C] layout (channel = position in the row).
 template <typename scalar_t, typename opmath_t>
-void forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
-                    const opmath_t* __restrict__ scale, const opmath_t* __restrict__ bias,
-                    scalar_t* __restrict__ out, const Geometry& g) {
+void forward_rows_of_channels(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                              const opmath_t* __restrict__ scale,
+                              const opmath_t* __restrict__ bias, scalar_t* __restrict__ out,
+                              int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t off = row * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const opmath_t v = static_cast<opmath_t>(x[off + c]) * scale[c] + bias[c] +
+                         static_cast<opmath_t>(res[off + c]);
+      // `v < 0 ? 0 : v` keeps NaN, like torch.relu.
+      out[off + c] = static_cast<scalar_t>(v < opmath_t(0) ? opmath_t(0) : v);
+    }
+  }
+}
+
+// Rows [r0, r1) of an [N * C, inner] layout (channel = row % C).
+template <typename scalar_t, typename opmath_t>
+void forward_channel_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                          const opmath_t* __restrict__ scale, const opmath_t* __restrict__ bias,
+                          scalar_t* __restrict__ out, int64_t C, int64_t inner, int64_t r0,
+                          int64_t r1) {
+  for (int64_t row = r0; row < r1; ++row) {
+    const opmath_t s = scale[row % C];
+    const opmath_t b = bias[row % C];
+    const int64_t off = row * inner;
+    for (int64_t j = 0; j < inner; ++j) {
+      const opmath_t v =
+          static_cast<opmath_t>(x[off + j]) * s + b + static_cast<opmath_t>(res[off + j]);
+      out[off + j] = static_cast<scalar_t>(v < opmath_t(0) ? opmath_t(0) : v);
+    }
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+void forward_kernel(const scalar_t* x, const scalar_t* res, const opmath_t* scale,
+                    const opmath_t* bias, scalar_t* out, const Geometry& g) {
   const int64_t C = g.C;
   if (g.rows_of_channels) {
-    const int64_t rows = g.N * g.inner;
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) {
-        const scalar_t* xr = x + row * C;
-        const scalar_t* rr = res + row * C;
-        scalar_t* orow = out + row * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const opmath_t v = static_cast<opmath_t>(xr[c]) * scale[c] + bias[c] +
-                             static_cast<opmath_t>(rr[c]);
-          // `v < 0 ? 0 : v` keeps NaN, like torch.relu.
-          orow[c] = static_cast<scalar_t>(v < opmath_t(0) ? opmath_t(0) : v);
-        }
-      }
-    });
+    at::parallel_for(0, g.N * g.inner, std::max<int64_t>(1, kGrain / C),
+                     [&](int64_t r0, int64_t r1) {
+                       forward_rows_of_channels(x, res, scale, bias, out, C, r0, r1);
+                     });
   } else {
     const int64_t inner = g.inner;
-    const int64_t rows = g.N * C;
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / inner), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) {
-        const int64_t c = row % C;
-        const opmath_t s = scale[c];
-        const opmath_t bi = bias[c];
-        const scalar_t* xr = x + row * inner;
-        const scalar_t* rr = res + row * inner;
-        scalar_t* orow = out + row * inner;
-        for (int64_t j = 0; j < inner; ++j) {
-          const opmath_t v =
-              static_cast<opmath_t>(xr[j]) * s + bi + static_cast<opmath_t>(rr[j]);
-          orow[j] = static_cast<scalar_t>(v < opmath_t(0) ? opmath_t(0) : v);
-        }
-      }
-    });
+    at::parallel_for(0, g.N * C, std::max<int64_t>(1, kGrain / inner),
+                     [&](int64_t r0, int64_t r1) {
+                       forward_channel_rows(x, res, scale, bias, out, C, inner, r0, r1);
+                     });
   }
+}
+
+// g = out > 0 ? grad_out : 0 (both loaded unconditionally: a select, no branch, so the
+// loops vectorise; converting g back to scalar_t is exact).
+template <typename opmath_t, typename scalar_t>
+inline opmath_t relu_grad(scalar_t out, scalar_t grad_out) {
+  const opmath_t o = static_cast<opmath_t>(out);
+  const opmath_t go = static_cast<opmath_t>(grad_out);
+  return o > opmath_t(0) ? go : opmath_t(0);
+}
+
+// Rows [r0, r1) of a [rows, C] layout; adds sum(g * x) and sum(g) per channel into
+// pgx[C] and pg[C].
+template <typename scalar_t, typename opmath_t>
+void backward_rows_of_channels(const scalar_t* __restrict__ gout,
+                               const scalar_t* __restrict__ out,
+                               const scalar_t* __restrict__ x,
+                               const opmath_t* __restrict__ scale,
+                               scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_res,
+                               double* __restrict__ pgx, double* __restrict__ pg, int64_t C,
+                               int64_t r0, int64_t r1) {
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t off = row * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const opmath_t gv = relu_grad<opmath_t>(out[off + c], gout[off + c]);
+      grad_res[off + c] = static_cast<scalar_t>(gv);
+      grad_x[off + c] = static_cast<scalar_t>(gv * scale[c]);
+      pgx[c] += static_cast<double>(gv) * static_cast<double>(x[off + c]);
+      pg[c] += static_cast<double>(gv);
+    }
+  }
+}
+
+// One row (fixed channel, scale s) of an [N * C, inner] layout; returns its sums in
+// *sgx and *sg.
+template <typename scalar_t, typename opmath_t>
+void backward_channel_row(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ out,
+                          const scalar_t* __restrict__ x, opmath_t s,
+                          scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_res,
+                          int64_t inner, double* sgx, double* sg) {
+  double lgx[kLanes] = {0.0};
+  double lg[kLanes] = {0.0};
+  int64_t j = 0;
+  for (; j + kLanes <= inner; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const opmath_t gv = relu_grad<opmath_t>(out[j + l], gout[j + l]);
+      grad_res[j + l] = static_cast<scalar_t>(gv);
+      grad_x[j + l] = static_cast<scalar_t>(gv * s);
+      lgx[l] += static_cast<double>(gv) * static_cast<double>(x[j + l]);
+      lg[l] += static_cast<double>(gv);
+    }
+  }
+  for (; j < inner; ++j) {
+    const opmath_t gv = relu_grad<opmath_t>(out[j], gout[j]);
+    grad_res[j] = static_cast<scalar_t>(gv);
+    grad_x[j] = static_cast<scalar_t>(gv * s);
+    lgx[0] += static_cast<double>(gv) * static_cast<double>(x[j]);
+    lg[0] += static_cast<double>(gv);
+  }
+  double agx = 0.0, ag = 0.0;
+  for (int l = 0; l < kLanes; ++l) {
+    agx += lgx[l];
+    ag += lg[l];
+  }
+  *sgx = agx;
+  *sg = ag;
 }
 
 // Writes grad_x and grad_residual; fills sum_gx[c] = sum(g * x), sum_g[c] = sum(g).
 template <typename scalar_t, typename opmath_t>
-void backward_kernel(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ out,
-                     const scalar_t* __restrict__ x, const opmath_t* __restrict__ scale,
-                     scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_res,
-                     double* __restrict__ sum_gx, double* __restrict__ sum_g,
-                     const Geometry& g) {
+void backward_kernel(const scalar_t* gout, const scalar_t* out, const scalar_t* x,
+                     const opmath_t* scale, scalar_t* grad_x, scalar_t* grad_res,
+                     double* sum_gx, double* sum_g, const Geometry& g) {
   const int64_t C = g.C;
   if (g.rows_of_channels) {
     const int64_t rows = g.N * g.inner;
-    const int64_t block_rows =
-        std::max(ceil_div(kGrain, C), ceil_div(rows, kMaxBlocks));
+    const int64_t block_rows = std::max(ceil_div(kGrain, C), ceil_div(rows, kMaxBlocks));
     const int64_t nblocks = ceil_div(rows, block_rows);
     // Partial sums per block: [nblocks, C] each, zero-initialised.
     std::vector<double> part_gx(static_cast<size_t>(nblocks * C), 0.0);
     std::vector<double> part_g(static_cast<size_t>(nblocks * C), 0.0);
-    at::parallel_for(0, nblocks, 1, [&](int64_t bb, int64_t be) {
-      for (int64_t blk = bb; blk < be; ++blk) {
-        double* __restrict__ pgx = part_gx.data() + blk * C;
-        double* __restrict__ pg = part_g.data() + blk * C;
-        const int64_t r_end = std::min(rows, (blk + 1) * block_rows);
-        for (int64_t row = blk * block_rows; row < r_end; ++row) {
-          const int64_t off = row * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const bool pos = static_cast<opmath_t>(out[off + c]) > opmath_t(0);
-            const opmath_t gv = pos ? static_cast<opmath_t>(gout[off + c]) : opmath_t(0);
-            grad_res[off + c] = pos ? gout[off + c] : scalar_t(0);
-            grad_x[off + c] = static_cast<scalar_t>(gv * scale[c]);
-            pgx[c] += static_cast<double>(gv) * static_cast<double>(x[off + c]);
-            pg[c] += static_cast<double>(gv);
-          }
-        }
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        backward_rows_of_channels(gout, out, x, scale, grad_x, grad_res,
+                                  part_gx.data() + blk * C, part_g.data() + blk * C, C,
+                                  blk * block_rows, std::min(rows, (blk + 1) * block_rows));
       }
     });
     // Merge blocks in a fixed order.
-    at::parallel_for(0, C, 256, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        double agx = 0.0, ag = 0.0;
-        for (int64_t blk = 0; blk < nblocks; ++blk) {
-          agx += part_gx[blk * C + c];
-          ag += part_g[blk * C + c];
-        }
-        sum_gx[c] = agx;
-        sum_g[c] = ag;
+    for (int64_t c = 0; c < C; ++c) {
+      sum_gx[c] = 0.0;
+      sum_g[c] = 0.0;
+    }
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      for (int64_t c = 0; c < C; ++c) {
+        sum_gx[c] += part_gx[blk * C + c];
+        sum_g[c] += part_g[blk * C + c];
       }
-    });
+    }
   } else {
     const int64_t inner = g.inner;
     const int64_t rows = g.N * C;
     // One partial per (n, c) row, then summed over n in order.
     std::vector<double> row_gx(static_cast<size_t>(rows), 0.0);
     std::vector<double> row_g(static_cast<size_t>(rows), 0.0);
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / inner), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) {
-        const int64_t c = row % C;
-        const opmath_t s = scale[c];
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / inner), [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
         const int64_t off = row * inner;
-        double lgx[kLanes] = {0.0};
-        double lg[kLanes] = {0.0};
-        int64_t j = 0;
-        for (; j + kLanes <= inner; j += kLanes) {
-          for (int l = 0; l < kLanes; ++l) {
-            const int64_t i = off + j + l;
-            const bool pos = static_cast<opmath_t>(out[i]) > opmath_t(0);
-            const opmath_t gv = pos ? static_cast<opmath_t>(gout[i]) : opmath_t(0);
-            grad_res[i] = pos ? gout[i] : scalar_t(0);
-            grad_x[i] = static_cast<scalar_t>(gv * s);
-            lgx[l] += static_cast<double>(gv) * static_cast<double>(x[i]);
-            lg[l] += static_cast<double>(gv);
-          }
-        }
-        for (; j < inner; ++j) {
-          const int64_t i = off + j;
-          const bool pos = static_cast<opmath_t>(out[i]) > opmath_t(0);
-          const opmath_t gv = pos ? static_cast<opmath_t>(gout[i]) : opmath_t(0);
-          grad_res[i] = pos ? gout[i] : scalar_t(0);
-          grad_x[i] = static_cast<scalar_t>(gv * s);
-          lgx[0] += static_cast<double>(gv) * static_cast<double>(x[i]);
-          lg[0] += static_cast<double>(gv);
-        }
-        double agx = 0.0, ag = 0.0;
-        for (int l = 0; l < kLanes; ++l) {
-          agx += lgx[l];
-          ag += lg[l];
-        }
-        row_gx[row] = agx;
-        row_g[row] = ag;
+        backward_channel_row(gout + off, out + off, x + off, scale[row % C], grad_x + off,
+                             grad_res + off, inner, &row_gx[row], &row_g[row]);
       }
     });
     for (int64_t c = 0; c < C; ++c) {

@@ -1,5 +1,205 @@
-# placeholder until the extension module lands (helper is writing the real one)
-def is_available(): return False
-def unavailable_reason(): return "not built"
-def built_with_cuda(): return False
-def library_path(): return None
+"""The compiled ops (``torch.ops.sdkernels.*``): loading, fake kernels and autograd.
+
+Importing this module tries to load ``sdkernels._C``. Loading the library registers the
+ops' schemas and their CPU (and, when built, CUDA) kernels with the dispatcher; this
+module then registers, in Python, a fake kernel for every op (so ``torch.compile`` and
+``torch.library.opcheck`` can trace them) and the autograd formula of the forward op.
+
+When the library cannot be loaded (not built, built against another torch, ...) nothing
+is registered, ``is_available()`` is False and ``unavailable_reason()`` says why; the
+import of ``sdkernels`` itself never fails because of it.
+
+Double backward is not supported: the backward op has an autograd formula that raises.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "is_available",
+    "unavailable_reason",
+    "built_with_cuda",
+    "library_path",
+    "scale_bias_add_relu",
+    "scale_bias_add_relu_backward",
+]
+
+_FWD = "sdkernels::scale_bias_add_relu"
+_BWD = "sdkernels::scale_bias_add_relu_backward"
+_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+                torch.float16: "Half", torch.int32: "Int", torch.int64: "Long",
+                torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+                torch.bool: "Bool", torch.complex64: "ComplexFloat",
+                torch.complex128: "ComplexDouble"}
+
+_C = None
+_reason: Optional[str] = None
+try:
+    _C = importlib.import_module("sdkernels._C")
+except (ImportError, OSError) as exc:  # not built, or built against another torch
+    _reason = f"sdkernels._C could not be loaded: {type(exc).__name__}: {exc}"
+
+
+def is_available() -> bool:
+    """True when the compiled library loaded and its ops are registered."""
+    return _C is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the compiled library is not available, or None when it is."""
+    return _reason
+
+
+def library_path() -> Optional[str]:
+    """File path of the loaded ``sdkernels._C`` library, or None."""
+    return getattr(_C, "__file__", None) if _C is not None else None
+
+
+def built_with_cuda() -> bool:
+    """True when the loaded library has CUDA kernels (independent of a visible GPU)."""
+    if _C is None:
+        return False
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(_FWD, "CUDA"))
+
+
+def _require() -> None:
+    if _C is None:
+        raise RuntimeError(f"sdkernels compiled extension is not available: {_reason}")
+
+
+def scale_bias_add_relu(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                        residual: torch.Tensor) -> torch.Tensor:
+    """relu(x * scale[c] + bias[c] + residual), x of shape [N, C, *] (compiled op).
+
+    Differentiable in all four inputs (first order only). The output has x's suggested
+    memory format (channels_last in, channels_last out).
+    """
+    _require()
+    return torch.ops.sdkernels.scale_bias_add_relu(x, scale, bias, residual)
+
+
+def scale_bias_add_relu_backward(grad_out: torch.Tensor, out: torch.Tensor,
+                                 x: torch.Tensor, scale: torch.Tensor):
+    """(grad_x, grad_scale, grad_bias, grad_residual) of :func:`scale_bias_add_relu`."""
+    _require()
+    return torch.ops.sdkernels.scale_bias_add_relu_backward(grad_out, out, x, scale)
+
+
+# ---------------------------------------------------------------------------------------
+# Shape/dtype checks of the fake kernels: the same conditions and messages as the C++
+# checks (csrc/sdkernels.cpp), so traced code fails the way eager code does.
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _check(cond, op: str, msg) -> None:
+    torch._check(cond, lambda: f"{op}: {msg()}")
+
+
+def _check_x(op: str, x: torch.Tensor) -> None:
+    _check(x.layout == torch.strided, op,
+           lambda: f"expected x to be a strided (dense) tensor, got layout {x.layout}")
+    _check(x.dtype in _SUPPORTED, op,
+           lambda: "expected x to be float32, float64, bfloat16 or float16, got "
+                   f"{_dtype_name(x.dtype)}")
+    _check(x.dim() >= 2, op,
+           lambda: f"expected x of shape [N, C, *] (at least 2-D), got a {x.dim()}-D "
+                   f"tensor of shape {list(x.shape)}")
+
+
+def _check_like_x(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    _check(t.device == x.device, op,
+           lambda: f"expected {name} on the same device as x ({x.device}), got {t.device}")
+    _check(t.dtype == x.dtype, op,
+           lambda: f"expected {name} to have x's dtype ({_dtype_name(x.dtype)}), got "
+                   f"{_dtype_name(t.dtype)}")
+    _check(t.dim() == x.dim() and all(a == b for a, b in zip(t.shape, x.shape)), op,
+           lambda: f"expected {name} to have x's shape {list(x.shape)}, got {list(t.shape)}")
+
+
+def _check_per_channel(op: str, name: str, v: torch.Tensor, x: torch.Tensor) -> None:
+    _check(v.device == x.device, op,
+           lambda: f"expected {name} on the same device as x ({x.device}), got {v.device}")
+    _check(v.dim() == 1, op,
+           lambda: f"expected {name} to be 1-D of length C = {x.shape[1]}, got a "
+                   f"{v.dim()}-D tensor of shape {list(v.shape)}")
+    _check(v.shape[0] == x.shape[1], op,
+           lambda: f"expected {name} of length C = {x.shape[1]} (x.shape[1]), got length "
+                   f"{v.shape[0]}")
+    _check(v.dtype == x.dtype or v.dtype == torch.float32, op,
+           lambda: f"expected {name} to have x's dtype ({_dtype_name(x.dtype)}) or "
+                   f"float32, got {_dtype_name(v.dtype)}")
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    # Mirrors at::Tensor::suggest_memory_format() used by the kernels.
+    from torch._prims_common import suggest_memory_format
+    return suggest_memory_format(x)
+
+
+# ---------------------------------------------------------------------------------------
+# Registration (only when the library loaded).
+
+def _register() -> None:
+    @torch.library.register_fake(_FWD)
+    def _scale_bias_add_relu_fake(x, scale, bias, residual):
+        _check_x(_FWD, x)
+        _check_like_x(_FWD, "residual", residual, x)
+        _check_per_channel(_FWD, "scale", scale, x)
+        _check_per_channel(_FWD, "bias", bias, x)
+        _check(bias.dtype == scale.dtype, _FWD,
+               lambda: "expected scale and bias to have the same dtype, got "
+                       f"{_dtype_name(scale.dtype)} and {_dtype_name(bias.dtype)}")
+        return torch.empty_like(x, memory_format=_memory_format(x))
+
+    @torch.library.register_fake(_BWD)
+    def _scale_bias_add_relu_backward_fake(grad_out, out, x, scale):
+        _check_x(_BWD, x)
+        _check_like_x(_BWD, "grad_out", grad_out, x)
+        _check_like_x(_BWD, "out", out, x)
+        _check_per_channel(_BWD, "scale", scale, x)
+        fmt = _memory_format(x)
+        return (torch.empty_like(x, memory_format=fmt), scale.new_empty(scale.shape),
+                scale.new_empty(scale.shape), torch.empty_like(x, memory_format=fmt))
+
+    def _setup_context(ctx, inputs, output):
+        x, scale, bias, residual = inputs
+        # The backward op needs out (ReLU mask), x (grad_scale) and scale (grad_x).
+        ctx.save_for_backward(output, x, scale)
+
+    def _backward(ctx, grad):
+        out, x, scale = ctx.saved_tensors
+        grad_x, grad_scale, grad_bias, grad_residual = (
+            torch.ops.sdkernels.scale_bias_add_relu_backward(grad, out, x, scale))
+        need = ctx.needs_input_grad
+        return (grad_x if need[0] else None,
+                grad_scale if need[1] else None,
+                grad_bias if need[2] else None,
+                grad_residual if need[3] else None)
+
+    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"{_BWD}: double backward (differentiating the gradient of "
+            f"{_FWD}) is not supported")
+
+    def _setup_backward_context(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd(_BWD, _no_double_backward,
+                                    setup_context=_setup_backward_context)
+
+
+if _C is not None:
+    try:
+        _register()
+    except Exception as exc:  # e.g. a torch too old for torch.library.register_fake
+        _C = None
+        _reason = (f"sdkernels._C loaded but registering its fake/autograd kernels "
+                   f"failed: {type(exc).__name__}: {exc}")

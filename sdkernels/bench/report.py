@@ -1,0 +1,154 @@
+"""Readable table, JSON file and plot of a :func:`~sdkernels.bench.compare.run_comparison` record."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+__all__ = ["format_table", "write_json", "plot"]
+
+_LABELS = {
+    "constant": "constant depth",
+    "naive": "naive SD (mask multiply)",
+    "sdkernels": "sdkernels",
+    "calib:none": "calib: all dropped",
+    "calib:all": "calib: all active",
+}
+
+
+def _label(name: str) -> str:
+    if name in _LABELS:
+        return _LABELS[name]
+    if name.startswith("calib:"):
+        return f"calib: only {name[6:]}"
+    return name
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:9.1f}"
+
+
+def format_table(rec: dict) -> str:
+    cfg, env, var = rec["config"], rec["environment"], rec["variants"]
+    meas, pred = rec["measured"], rec["predictions"]
+    flop = pred["flop"]
+    lines = [
+        f"CIFAR ResNet-{cfg['depth']} training step, batch {cfg['batch_size']}, "
+        f"{cfg['dtype']}, {env['device_name']} ({env['torch_threads']} threads)",
+        f"stochastic depth: {cfg['schedule']} p_L={cfg['p_last']}, mode={cfg['mode']} "
+        f"(naive: {cfg['naive_mode']}); sdkernels backend: {env['backend']}; "
+        f"torch {env['torch']}, python {env['python']}",
+        f"{cfg['steps']} timed interleaved rounds after {cfg['warmup']} warm-up rounds",
+        "",
+        f"{'variant':<26}{'median ms':>10}{'IQR ms':>10}{'mean ms':>10}{'n':>5}"
+        f"{'mean/const':>12}",
+    ]
+    const = var.get("constant", {}).get("mean")
+    for name, s in var.items():
+        rel = f"{s['mean'] / const:12.3f}" if const else " " * 12
+        lines.append(f"{_label(name):<26}{_ms(s['median']):>10}{_ms(s['iqr']):>10}"
+                     f"{_ms(s['mean']):>10}{s['n']:>5}{rel}")
+    lines.append("")
+    if "saving_vs_constant" in meas:
+        lines.append(f"measured saving vs constant depth: {meas['saving_vs_constant']:6.1%}"
+                     f"   (ratio {meas['sdkernels_vs_constant']:.3f} "
+                     f"+- {meas['stderr_vs_constant']:.3f} s.e., mean over steps)")
+    if "saving_vs_naive" in meas:
+        lines.append(f"measured saving vs naive SD:       {meas['saving_vs_naive']:6.1%}"
+                     f"   (ratio {meas['sdkernels_vs_naive']:.3f})")
+    lines.append(f"predicted, FLOP-weighted:          {1 - flop['ratio']:6.1%}"
+                 f"   (ratio {flop['ratio']:.3f}; residual work saved "
+                 f"{flop['residual_saved_depth']:.1%} by depth = 1 - "
+                 f"{flop['expected_depth']:.2f}/{flop['num_blocks']}, "
+                 f"{flop['residual_saved_flops']:.1%} by FLOPs)")
+    if "time" in pred:
+        tp = pred["time"]
+        lines.append(f"predicted, time-weighted:          {1 - tp['ratio']:6.1%}"
+                     f"   (ratio {tp['ratio']:.3f}; fixed part {tp['fixed_fraction']:.1%} "
+                     f"of T_all; additivity {tp['additivity']:.3f})")
+        if "time_realized_gates" in pred:
+            lines.append(f"  same formula at the gates drawn: ratio "
+                         f"{pred['time_realized_gates']:.3f} (mean active blocks "
+                         f"{meas.get('mean_active_blocks', float('nan')):.2f} vs expected "
+                         f"{meas['expected_active_blocks']:.2f})")
+        if "all_active_vs_constant" in meas:
+            lines.append(f"  sdkernels all-active / constant: {meas['all_active_vs_constant']:.3f}"
+                         f" (overhead of surviving blocks)")
+    if "comparison" in rec:
+        c = rec["comparison"]
+        ok = "within" if c["within_tolerance"] else "NOT within"
+        lines.append(f"measured ratio {c['measured']:.3f} vs time-weighted prediction "
+                     f"{c['predicted']:.3f}: |diff| = {c['abs_diff']:.3f}, {ok} "
+                     f"{c['tolerance']}")
+    return "\n".join(lines)
+
+
+def _jsonable(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    return o
+
+
+def write_json(rec: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(rec), indent=2))
+    return path
+
+
+def plot(rec: dict, path) -> Path:
+    """Bar chart of step times (median bar, IQR whisker, mean dot), predictions marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    var, pred, cfg = rec["variants"], rec["predictions"], rec["config"]
+    main = [n for n in ("constant", "naive", "sdkernels") if n in var]
+    calib = [n for n in var if n.startswith("calib:")]
+    fig, axes = plt.subplots(1, 2 if calib else 1, figsize=(12 if calib else 7, 4.8),
+                             squeeze=False, gridspec_kw={"width_ratios": [3, 4][:2 if calib else 1]})
+
+    def bars(ax, names, colors):
+        xs = range(len(names))
+        med = [var[n]["median"] * 1e3 for n in names]
+        err = [[(var[n]["median"] - var[n]["q25"]) * 1e3 for n in names],
+               [(var[n]["q75"] - var[n]["median"]) * 1e3 for n in names]]
+        ax.bar(xs, med, color=colors, yerr=err, capsize=4, label="median (whisker: IQR)")
+        ax.plot(xs, [var[n]["mean"] * 1e3 for n in names], "o", color="black", label="mean")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([_label(n) for n in names], rotation=15, ha="right")
+        ax.set_ylabel("training step time (ms)")
+        return xs
+
+    ax = axes[0][0]
+    palette = {"constant": "#7f7f7f", "naive": "#d62728", "sdkernels": "#1f77b4"}
+    bars(ax, main, [palette[n] for n in main])
+    if "sdkernels" in main:
+        i = main.index("sdkernels")
+        ref = var["calib:all"]["mean"] if "calib:all" in var else var.get("constant", {}).get("mean")
+        if ref:
+            if "time" in pred:
+                y = pred["time"]["predicted_time"] * 1e3
+                ax.hlines(y, i - 0.4, i + 0.4, colors="orange", linestyles="--", linewidth=2,
+                          label=f"predicted, time-weighted ({pred['time']['ratio']:.3f})")
+            y = pred["flop"]["ratio"] * ref * 1e3
+            ax.hlines(y, i - 0.4, i + 0.4, colors="green", linestyles=":", linewidth=2,
+                      label=f"predicted, FLOP-weighted ({pred['flop']['ratio']:.3f})")
+    ax.set_title(f"ResNet-{cfg['depth']}, batch {cfg['batch_size']}, {cfg['dtype']}, "
+                 f"{rec['environment']['device']}")
+    ax.legend(loc="lower left", fontsize=8)
+    if calib:
+        ax2 = axes[0][1]
+        bars(ax2, calib, ["#bcbd22"] * len(calib))
+        ax2.set_title("FixedGates calibration (time-weighted prediction)")
+        ax2.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
