@@ -448,6 +448,25 @@ def test_introspection():
     assert torch._C._dispatch_has_kernel_for_dispatch_key(BWD, "CPU")
 
 
+def test_import_without_library_degrades_cleanly():
+    """If sdkernels._C cannot be loaded, `import sdkernels` still works and says why."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['sdkernels._C'] = None\n"
+            "import sdkernels\n"
+            "from sdkernels.ops import extension as e\n"
+            "assert not e.is_available() and not e.built_with_cuda()\n"
+            "assert e.library_path() is None and 'sdkernels._C' in e.unavailable_reason()\n"
+            "try:\n"
+            "    e.scale_bias_add_relu(*[None] * 4)\n"
+            "except RuntimeError as exc:\n"
+            "    assert 'not available' in str(exc)\n"
+            "else:\n"
+            "    raise AssertionError('no error')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 # ---------------------------------------------------------------------------------------
 # CUDA (needs a GPU and an extension built with CUDA)
 

@@ -196,9 +196,12 @@ def _register() -> None:
                                     setup_context=_setup_backward_context)
 
 
-if _C is not None:
+if _C is not None and not getattr(_C, "_sdkernels_python_registered", False):
+    # (The marker lives on the extension module, so re-importing or reloading this
+    # file does not register twice.)
     try:
         _register()
+        _C._sdkernels_python_registered = True
     except Exception as exc:  # e.g. a torch too old for torch.library.register_fake
         _C = None
         _reason = (f"sdkernels._C loaded but registering its fake/autograd kernels "
