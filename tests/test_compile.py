@@ -182,12 +182,13 @@ def test_compiled_row_mode_trains_and_gates_vary():
     survivors = {sum(rows) for p in t.patterns for rows in p}
     assert len(survivors) >= 3, survivors  # variable-size survivor batches were compiled
     assert any(0 < s < 8 for s in survivors)
-    assert _graphs() <= 3 * n_blocks, _graphs()  # observed: 13 graphs
+    assert _graphs() <= 3 * n_blocks, _graphs()  # observed: 17 graphs, 23 frame compiles
     t.assert_same_state()
     t.assert_eval_matches(8, 16)
 
 
-@pytest.mark.slow  # inductor's first compile on a 2-core CPU with a cold cache: > 90 s
+# inductor on a busy 2-core CPU: 83-103 s with a cold compile cache, ~10 s with a warm one
+@pytest.mark.slow
 def test_compiled_inductor_default_backend():
     torch.manual_seed(3)
     model = sdkernels.models.cifar_resnet(8, p_last=0.5, schedule="uniform", seed=8)

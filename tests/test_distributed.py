@@ -40,7 +40,8 @@ def _run_ddp_job(tmp_path) -> dict:
                           wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
     out = tmp_path / "ddp_record.pt"
     env = dict(os.environ)
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; no hostname lookup
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(W.WORLD),
