@@ -3,7 +3,7 @@ batch mode at linear p_L = 0.5, against constant depth and against the naive ref
 (mask-multiply stochastic depth, as torchvision does).
 
 Must-show: the measured step-time ratio sdkernels / constant depth is within 0.03 of the
-time-weighted expected-depth prediction. The ratio is a mean over many interleaved
+time-weighted expected-depth prediction. The ratio is of medians over many interleaved
 steps (the prediction is an expectation over the random gates); see
 ``sdkernels.bench.predict``.
 
@@ -14,6 +14,7 @@ Everything (models, training step, timer, predictions) comes from ``sdkernels.be
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -33,7 +34,8 @@ def _device() -> torch.device:
 
 
 def _extra_info(s) -> dict:
-    env = environment(_device())
+    with sdkernels.use_backend(s.backend) if s.backend != "auto" else contextlib.nullcontext():
+        env = environment(_device())
     return {
         "device": env["device_name"], "dtype": DTYPE, "shape": [s.batch_size, 3, 32, 32],
         "depth": s.depth, "p_last": P_LAST, "schedule": SCHEDULE, "mode": MODE,
@@ -57,9 +59,11 @@ def test_train_step(benchmark, net_settings, models, variant):
     benchmark.group = f"resnet{s.depth}-train-step-b{s.batch_size}-{DTYPE}"
     benchmark.name = variant
     benchmark.extra_info.update(_extra_info(s), variant=variant)
-    benchmark.pedantic(lambda x, y: losses.append(step(x, y)),
-                       setup=lambda: (next(batches), {}),
-                       rounds=s.step_rounds, warmup_rounds=s.step_warmup, iterations=1)
+    forced = s.backend != "auto" and variant != "constant"
+    with sdkernels.use_backend(s.backend) if forced else contextlib.nullcontext():
+        benchmark.pedantic(lambda x, y: losses.append(step(x, y)),
+                           setup=lambda: (next(batches), {}),
+                           rounds=s.step_rounds, warmup_rounds=s.step_warmup, iterations=1)
     assert losses and all(math.isfinite(float(l)) for l in losses)
 
 
@@ -68,7 +72,7 @@ def test_ratio_matches_time_weighted_prediction(benchmark, net_settings, capsys)
     s = net_settings
     cfg = BenchConfig(depth=s.depth, batch_size=s.batch_size, steps=s.cmp_rounds,
                       warmup=s.cmp_warmup, p_last=P_LAST, schedule=SCHEDULE, mode=MODE,
-                      dtype=DTYPE, device=str(_device()), seed=0)
+                      dtype=DTYPE, device=str(_device()), backend=s.backend, seed=0)
     out = {}
     benchmark.group = f"resnet{s.depth}-interleaved-comparison"
     benchmark.pedantic(lambda: out.setdefault("rec", run_comparison(cfg)),
@@ -81,12 +85,11 @@ def test_ratio_matches_time_weighted_prediction(benchmark, net_settings, capsys)
     with capsys.disabled():  # the table is the point of this test: show it without -s
         print("\n" + format_table(rec))
     assert all(math.isfinite(v["final_loss"]) for v in rec["variants"].values())
-    for k in ("measured", "predicted"):
-        assert 0.0 < c[k] < 2.0, c
+    assert math.isfinite(c["measured"]) and math.isfinite(c["predicted"]), c
     if not s.timing:
         return  # smoke run (--benchmark-disable): tiny settings, the numbers mean nothing
     assert c["abs_diff"] <= TOLERANCE, (
-        f"measured ratio {c['measured']:.3f} (mean sdkernels / mean constant over "
+        f"measured ratio {c['measured']:.3f} (median sdkernels / median constant over "
         f"{cfg.steps} interleaved steps) is {c['abs_diff']:.3f} from the time-weighted "
         f"prediction {c['predicted']:.3f} (tolerance {TOLERANCE}); "
         f"backend {rec['environment']['backend']}")

@@ -4,6 +4,7 @@ ResNet with constant depth, naive stochastic depth and sdkernels, side by side.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -26,8 +27,9 @@ step of each, so machine noise hits them alike.
 Prints step times (median, IQR, mean), the measured saving of sdkernels against
 constant depth and against naive stochastic depth, and two predictions of the saving:
 FLOP-weighted (analytic conv FLOPs) and time-weighted (fixed part + sum over blocks of
-p_l times that block's measured time). Ratios compared with predictions are means over
-the timed steps, since the predictions are expectations over the random gates.
+p_l times that block's measured time). Ratios are of medians over the timed steps
+(robust to a busy machine; for random gates the median estimates the expectation the
+predictions give, the number of active blocks being near-symmetric). Means are recorded.
 Writes result.json and (unless --no-plot) step_times.png into --out.
 """
 
@@ -38,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=110,
                    help="CIFAR ResNet depth, 6n+2 (20, 56, 110, 1202, ...); default 110")
     p.add_argument("--batch-size", type=int, default=32, help="mini-batch size; default 32")
-    p.add_argument("--steps", type=int, default=16,
+    p.add_argument("--steps", type=int, default=40,
                    help="timed rounds; each round times one training step of every variant "
-                        "(8 variants with calibration); default 16")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed warm-up rounds before timing; default 1")
+                        "(8 variants with calibration); default 40")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed warm-up rounds before timing; default 2")
     p.add_argument("--p-last", type=float, default=0.5,
                    help="survival probability p_L of the last block; default 0.5")
     p.add_argument("--schedule", choices=("linear", "uniform"), default="linear",
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default float32")
     p.add_argument("--device", default="auto",
                    help="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda if available, else cpu)")
+    p.add_argument("--backend", choices=("auto", "extension", "reference"), default="auto",
+                   help="sdkernels backend for the stochastic-depth variants: the automatic "
+                        "choice (compiled extension when built) or a forced one")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads); default: torch's choice")
     p.add_argument("--out", default="./bench-out",
@@ -64,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the initial weights, the gates and the synthetic data")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     return p
+
+
+def _busy_warning(device) -> str | None:
+    """A warning when other processes already load the CPUs this run will time on."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load < 0.75 * cpus:
+        return None
+    return (f"warning: load average {load:.1f} on {cpus} CPUs before the run: other "
+            f"processes compete for the cores, so CPU timings will be noisy (and torch's "
+            f"multi-threaded kernels slow down badly when a core is taken; "
+            f"--threads 1 is more robust then)")
 
 
 def main(argv=None) -> int:
@@ -86,7 +104,8 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     cfg = BenchConfig(depth=args.depth, batch_size=args.batch_size, steps=args.steps,
                       warmup=args.warmup, p_last=args.p_last, schedule=args.schedule,
-                      mode=args.mode, dtype=args.dtype, device=args.device, seed=args.seed)
+                      mode=args.mode, dtype=args.dtype, device=args.device, backend=args.backend,
+                      seed=args.seed)
     try:
         device = cfg.resolved_device()
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -96,6 +115,9 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    busy = _busy_warning(device)
+    if busy:
+        print(busy, file=sys.stderr)
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -106,6 +128,8 @@ def main(argv=None) -> int:
             rec = run_comparison(cfg, progress=lambda name: bar.update(1))
     rec["wall_time_s"] = time.perf_counter() - t0
     rec["environment"]["flush_denormal"] = True
+    if busy:
+        rec["environment"]["warning"] = busy
 
     print()
     print(format_table(rec))

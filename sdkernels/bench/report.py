@@ -41,18 +41,18 @@ def format_table(rec: dict) -> str:
         f"{cfg['steps']} timed interleaved rounds after {cfg['warmup']} warm-up rounds",
         "",
         f"{'variant':<26}{'median ms':>10}{'IQR ms':>10}{'mean ms':>10}{'n':>5}"
-        f"{'mean/const':>12}",
+        f"{'median/const':>14}",
     ]
-    const = var.get("constant", {}).get("mean")
+    const = var.get("constant", {}).get("median")
     for name, s in var.items():
-        rel = f"{s['mean'] / const:12.3f}" if const else " " * 12
+        rel = f"{s['median'] / const:14.3f}" if const else " " * 14
         lines.append(f"{_label(name):<26}{_ms(s['median']):>10}{_ms(s['iqr']):>10}"
                      f"{_ms(s['mean']):>10}{s['n']:>5}{rel}")
     lines.append("")
     if "saving_vs_constant" in meas:
         lines.append(f"measured saving vs constant depth: {meas['saving_vs_constant']:6.1%}"
                      f"   (ratio {meas['sdkernels_vs_constant']:.3f} "
-                     f"+- {meas['stderr_vs_constant']:.3f} s.e., mean over steps)")
+                     f"+- {meas['stderr_vs_constant']:.3f} s.e., medians over steps)")
     if "saving_vs_naive" in meas:
         lines.append(f"measured saving vs naive SD:       {meas['saving_vs_naive']:6.1%}"
                      f"   (ratio {meas['sdkernels_vs_naive']:.3f})")
@@ -71,6 +71,9 @@ def format_table(rec: dict) -> str:
                          f"{pred['time_realized_gates']:.3f} (mean active blocks "
                          f"{meas.get('mean_active_blocks', float('nan')):.2f} vs expected "
                          f"{meas['expected_active_blocks']:.2f})")
+        if "sdkernels_vs_all_active" in meas:
+            lines.append(f"  measured vs sdkernels all-active (the prediction's own baseline): "
+                         f"{meas['sdkernels_vs_all_active']:.3f}")
         if "all_active_vs_constant" in meas:
             lines.append(f"  sdkernels all-active / constant: {meas['all_active_vs_constant']:.3f}"
                          f" (overhead of surviving blocks)")
@@ -80,6 +83,8 @@ def format_table(rec: dict) -> str:
         lines.append(f"measured ratio {c['measured']:.3f} vs time-weighted prediction "
                      f"{c['predicted']:.3f}: |diff| = {c['abs_diff']:.3f}, {ok} "
                      f"{c['tolerance']}")
+    if rec.get("noise_warning"):
+        lines.append(f"WARNING: {rec['noise_warning']}")
     return "\n".join(lines)
 
 
@@ -131,7 +136,7 @@ def plot(rec: dict, path) -> Path:
     bars(ax, main, [palette[n] for n in main])
     if "sdkernels" in main:
         i = main.index("sdkernels")
-        ref = var["calib:all"]["mean"] if "calib:all" in var else var.get("constant", {}).get("mean")
+        ref = var["calib:all"]["median"] if "calib:all" in var else var.get("constant", {}).get("median")
         if ref:
             if "time" in pred:
                 y = pred["time"]["predicted_time"] * 1e3
@@ -141,7 +146,8 @@ def plot(rec: dict, path) -> Path:
             ax.hlines(y, i - 0.4, i + 0.4, colors="green", linestyles=":", linewidth=2,
                       label=f"predicted, FLOP-weighted ({pred['flop']['ratio']:.3f})")
     ax.set_title(f"ResNet-{cfg['depth']}, batch {cfg['batch_size']}, {cfg['dtype']}, "
-                 f"{rec['environment']['device']}")
+                 f"{rec['environment']['device']}, backend {rec['environment']['backend']}",
+                 fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     if calib:
         ax2 = axes[0][1]

@@ -75,19 +75,6 @@ class BenchModels:
         return [CALIB_NONE] + [calib_name(s) for s in self.stages] + [CALIB_ALL]
 
 
-def _revert(model: nn.Module) -> nn.Module:
-    model = revert(model)
-    # Workaround: revert() of a block built directly as sdkernels.BasicBlock without a
-    # shortcut module leaves the plain block without its ``downsample = None``
-    # attribute (None is a plain attribute, not a child module); the plain forward
-    # reads it. Harmless once revert() restores it itself.
-    for m in model.modules():
-        if type(m).__name__ in ("BasicBlock", "Bottleneck") and "downsample" not in m._modules \
-                and not hasattr(m, "downsample"):
-            m.downsample = None
-    return model
-
-
 def _fix_gates(model: nn.Module, active_stage: int | None, all_active: bool = False) -> None:
     _, stage_of = stages_of(model)
     for (_, block), k in zip(residual_blocks(model), stage_of):
@@ -118,7 +105,7 @@ def build_variants(depth: int = 110, *, p_last: float = 0.5, schedule="linear",
     for name in variants:
         m = copy.deepcopy(base)
         if name == "constant":
-            m = _revert(m)
+            m = revert(m)
         elif name == "naive":
             convert(m, p_last, schedule, mode=naive_mode or mode, seed=seed, drop_impl="mask")
         else:
