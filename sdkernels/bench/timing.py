@@ -6,9 +6,11 @@ times one training step of every variant in turn (the order rotates from round t
 round), so a slow spell of the machine hits all variants alike. Per variant it keeps
 every step time; :func:`summarize` gives median, IQR and mean.
 
-Random gates make a stochastic-depth step vary in cost from step to step, so its
-*median* is not its expected cost: ratios meant to be compared with an expected-depth
-prediction use the *mean* over many steps (see :mod:`sdkernels.bench.predict`).
+Random gates make a stochastic-depth step vary in cost from step to step. The
+comparison with an expected-depth prediction uses medians (robust to a busy machine);
+for random gates the median estimates the expectation because the number of active
+blocks, a sum of independent Bernoullis, is near-symmetric (see
+:mod:`sdkernels.bench.compare`). Means are kept as well.
 """
 from __future__ import annotations
 
