@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..schedule import check_prob
+
 DESCRIPTION = """\
 Train a CIFAR ResNet (default ResNet-110) on synthetic CIFAR-shaped data (random
 3x32x32 images, 10 classes) for a few SGD steps in three variants built from the same
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="mini-batch size; default 32")
     p.add_argument("--steps", type=int, default=40,
                    help="timed rounds; each round times one training step of every variant "
-                        "(8 variants with calibration); default 40")
+                        "(11 variants with calibration and the p_L sweep); default 40")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed warm-up rounds before timing; default 2")
     p.add_argument("--p-last", type=float, default=0.5,
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for result.json and the plot; default ./bench-out")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial weights, the gates and the synthetic data")
+    p.add_argument("--sweep", default="1.0,0.8,0.2",
+                   help="comma-separated extra p_L values timed for sdkernels (step time vs "
+                        "p_L in the table and plot), '' for none; default 1.0,0.8,0.2")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     return p
 
@@ -102,10 +107,17 @@ def main(argv=None) -> int:
     # Denormal floats make CPU arithmetic slow in data-dependent ways that would differ
     # between variants whose weights drift apart; flush them for the timing run.
     torch.set_flush_denormal(True)
+    try:
+        sweep = tuple(float(v) for v in args.sweep.split(",") if v.strip())
+        for v in (args.p_last, *sweep):
+            check_prob(v, "p_L")
+    except (ValueError, TypeError) as e:
+        print(f"error: --p-last/--sweep: {e}", file=sys.stderr)
+        return 2
     cfg = BenchConfig(depth=args.depth, batch_size=args.batch_size, steps=args.steps,
                       warmup=args.warmup, p_last=args.p_last, schedule=args.schedule,
                       mode=args.mode, dtype=args.dtype, device=args.device, backend=args.backend,
-                      seed=args.seed)
+                      seed=args.seed, sweep=sweep)
     try:
         device = cfg.resolved_device()
         if device.type == "cuda" and not torch.cuda.is_available():

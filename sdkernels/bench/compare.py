@@ -6,6 +6,7 @@ with both predictions and a JSON-ready result record.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -14,7 +15,8 @@ from typing import Callable
 import torch
 
 from ..backends import use_backend
-from ..convert import residual_blocks
+from ..convert import convert, residual_blocks
+from ..schedule import survival_probs
 from . import predict
 from .env import environment
 from .timing import interleaved_timing, make_inputs, make_train_step, summarize
@@ -47,6 +49,7 @@ class BenchConfig:
     image_shape: tuple = (3, 32, 32)
     variants: tuple = VARIANTS
     calibration: bool = True
+    sweep: tuple = (1.0, 0.8, 0.2)  # more p_L values for sdkernels (step time vs p_L)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -63,7 +66,18 @@ class BenchConfig:
 def total_steps(cfg: BenchConfig, num_stages: int = 3) -> int:
     """How many training steps :func:`run_comparison` runs (for a progress bar)."""
     n = len(cfg.variants) + (num_stages + 2 if cfg.calibration else 0)
+    n += len(_sweep_values(cfg))
     return n * (cfg.steps + cfg.warmup)
+
+
+def sweep_name(p_last: float) -> str:
+    return f"sdkernels@p{p_last:g}"
+
+
+def _sweep_values(cfg: BenchConfig) -> list[float]:
+    if "sdkernels" not in cfg.variants:
+        return []
+    return [float(p) for p in cfg.sweep if float(p) != float(cfg.p_last)]
 
 
 def _ratio(a: float, b: float) -> float:
@@ -87,6 +101,9 @@ def _run(cfg: BenchConfig, progress) -> dict:
                         naive_mode=cfg.naive_mode, seed=cfg.seed, device=device,
                         variants=cfg.variants, calibration=cfg.calibration,
                         num_classes=cfg.num_classes)
+    for p in _sweep_values(cfg):  # same initial weights, other p_L
+        m = convert(copy.deepcopy(bm.base), p, cfg.schedule, mode=cfg.mode, seed=cfg.seed)
+        bm.models[sweep_name(p)] = m.to(device).train()
     steps = {name: make_train_step(m, dtype=dtype) for name, m in bm.models.items()}
     inputs = make_inputs(cfg.batch_size, num_sets=cfg.input_sets, image_shape=cfg.image_shape,
                          num_classes=cfg.num_classes, device=device, seed=cfg.seed + 1)
@@ -179,6 +196,20 @@ def _run(cfg: BenchConfig, progress) -> dict:
         if "constant" in centre:
             meas["all_active_vs_constant"] = _ratio(centre[CALIB_ALL], centre["constant"])
         if "sdkernels" in centre and "constant" in centre:
+            sweep = []
+            for p in sorted({float(cfg.p_last), *_sweep_values(cfg)}, reverse=True):
+                name = "sdkernels" if p == float(cfg.p_last) else sweep_name(p)
+                probs = survival_probs(len(bm.probs), p, cfg.schedule)
+                sweep.append({
+                    "p_last": p, "variant": name,
+                    "expected_depth": sum(probs),
+                    "measured": _ratio(centre[name], centre["constant"]),
+                    "predicted_time": predict.time_prediction(
+                        centre[CALIB_NONE], t_stage, centre[CALIB_ALL], probs,
+                        bm.stage_of)["ratio"],
+                    "predicted_flop": predict.flop_prediction(fixed, block_flops, probs)["ratio"],
+                })
+            record["sweep"] = sweep
             m_ratio, p_ratio = meas["sdkernels_vs_constant"], tp["ratio"]
             record["comparison"] = {
                 "measured": m_ratio,

@@ -85,6 +85,14 @@ def format_table(rec: dict) -> str:
                      f"{c['tolerance']}")
     if rec.get("noise_warning"):
         lines.append(f"WARNING: {rec['noise_warning']}")
+    if rec.get("sweep"):
+        lines.append("")
+        lines.append(f"{'p_L':>6}{'E[depth]':>10}{'measured':>10}{'time-wtd':>10}{'FLOP-wtd':>10}"
+                     "   (step time / constant depth)")
+        for row in rec["sweep"]:
+            lines.append(f"{row['p_last']:>6.2f}{row['expected_depth']:>10.2f}"
+                         f"{row['measured']:>10.3f}{row['predicted_time']:>10.3f}"
+                         f"{row['predicted_flop']:>10.3f}")
     return "\n".join(lines)
 
 
@@ -116,8 +124,9 @@ def plot(rec: dict, path) -> Path:
     var, pred, cfg = rec["variants"], rec["predictions"], rec["config"]
     main = [n for n in ("constant", "naive", "sdkernels") if n in var]
     calib = [n for n in var if n.startswith("calib:")]
-    fig, axes = plt.subplots(1, 2 if calib else 1, figsize=(12 if calib else 7, 4.8),
-                             squeeze=False, gridspec_kw={"width_ratios": [3, 4][:2 if calib else 1]})
+    sweep = rec.get("sweep") or []
+    ncols = 1 + bool(calib) + bool(sweep)
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.8), squeeze=False)
 
     def bars(ax, names, colors):
         xs = range(len(names))
@@ -154,6 +163,19 @@ def plot(rec: dict, path) -> Path:
         bars(ax2, calib, ["#bcbd22"] * len(calib))
         ax2.set_title("FixedGates calibration (time-weighted prediction)")
         ax2.legend(loc="upper left", fontsize=8)
+    if sweep:
+        ax3 = axes[0][ncols - 1]
+        ps = [r["p_last"] for r in sweep]
+        ax3.plot(ps, [r["measured"] for r in sweep], "o-", color="#1f77b4", label="measured")
+        ax3.plot(ps, [r["predicted_time"] for r in sweep], "s--", color="orange",
+                 label="predicted, time-weighted")
+        ax3.plot(ps, [r["predicted_flop"] for r in sweep], "^:", color="green",
+                 label="predicted, FLOP-weighted")
+        ax3.axhline(1.0, color="#7f7f7f", linewidth=1, label="constant depth")
+        ax3.set_xlabel("p_L (survival probability of the last block)")
+        ax3.set_ylabel("step time / constant-depth step time")
+        ax3.set_title(f"sdkernels step time vs p_L ({cfg['schedule']} schedule)", fontsize=10)
+        ax3.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
