@@ -6,7 +6,6 @@ constant depth, the naive baseline and sdkernels. The measurement is recorded in
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sdkernels.bench import build_variants, make_inputs
 from sdkernels.bench.memory import training_step_memory

@@ -45,6 +45,13 @@ def _choice(value, allowed, what):
     return value
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Host-drawn gates go to the GPU without blocking the host (pinned, non_blocking).
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _is_identity(m) -> bool:
     return m is None or isinstance(m, nn.Identity) or (
         type(m) is nn.Sequential and len(m) == 0)
@@ -212,11 +219,7 @@ class StochasticDepthBlock(nn.Module):
             return self._dropped(x)
         if n_keep == x.shape[0]:
             return self._active(x, gate_scale)
-        idx = keep.nonzero().squeeze(1)
-        if x.device.type == "cuda":
-            idx = idx.pin_memory().to(x.device, non_blocking=True)
-        else:
-            idx = idx.to(x.device)
+        idx = _to_device(keep.nonzero().squeeze(1), x.device)
         y = self._branch(x.index_select(0, idx))
         m = self.shortcut_module
         sc = self._shortcut(x)
@@ -239,12 +242,12 @@ class StochasticDepthBlock(nn.Module):
             gate = gen.batch(p)
             self.last_gate = gate
             if self._drop_impl == "mask":
-                return self._mask_forward(x, torch.tensor([gate]), s)
+                return self._mask_forward(x, torch.full((1,), gate, device=x.device), s)
             return self._active(x, s) if gate else self._dropped(x)
         keep = gen.rows(p, x.shape[0])
         self.last_gate = keep
         if self._drop_impl == "mask":
-            return self._mask_forward(x, keep, s)
+            return self._mask_forward(x, _to_device(keep, x.device), s)
         return self._active_rows(x, keep, s)
 
     # -- revert -----------------------------------------------------------------------

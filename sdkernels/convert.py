@@ -18,7 +18,6 @@ the original classes with the same state_dict.
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 
 from torch import nn
 
@@ -125,6 +124,10 @@ def _to_stochastic(block: nn.Module) -> StochasticDepthBlock:
     sd._buffers.update(block._buffers)
     sd.stride = getattr(block, "stride", 1)
     sd._init_sd(1.0, "batch", "test", None, "auto", "skip")
+    sd.train(block.training)  # a model converted in eval mode must stay in eval mode
+    for k, v in block.__dict__.items():  # user hooks keep working on the swapped block
+        if "hook" in k and isinstance(v, dict):
+            sd.__dict__[k] = v.copy()
     attrs = {k: v for k, v in block.__dict__.items()
              if k not in ("_modules", "_parameters", "_buffers")}
     saved = {n: c for n, c in block._modules.items() if n not in sd._modules}

@@ -17,7 +17,10 @@ default generator unless given one (see :func:`manual_seed`).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = [
@@ -38,6 +41,10 @@ class GateGenerator:
         self._gen = torch.Generator(device="cpu")
         if seed is None:
             self.initial_seed = self._gen.seed()  # non-deterministic seed from the OS
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                warnings.warn("sdkernels: gate generator without a seed under "
+                              "torch.distributed: every rank draws different gates; pass "
+                              "the same seed= on every rank", RuntimeWarning, stacklevel=2)
         else:
             self.manual_seed(seed)
 

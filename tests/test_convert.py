@@ -235,3 +235,17 @@ def test_real_timm_resnet50_p1_equality():
         if type(m).__name__ == "DropPath":
             m.drop_prob = 0.0
     torch.testing.assert_close(conv(x), orig(x), rtol=1e-9, atol=1e-9)
+
+
+def test_convert_keeps_eval_mode_and_hooks():
+    model = tv.resnet18(num_classes=10).eval()
+    calls = []
+    model.layer1[0].register_forward_hook(lambda *a: calls.append(1))
+    sdkernels.convert(model, p_last=0.5, seed=0)
+    assert all(not m.training for m in model.modules())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert torch.equal(a, b)  # eval is deterministic: no gates drawn
+    assert len(calls) == 2
+    assert not any(not m.training for m in sdkernels.revert(model).train().modules())

@@ -22,7 +22,10 @@ import sdkernels
 from sdkernels.gates import FixedGates
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+# Subprocesses import the same sdkernels as this process (the installed package in CI,
+# the source tree in an editable install), and run outside the repository root so the
+# uncompiled source tree cannot shadow an installed package.
+PKG_PARENT = str(Path(sdkernels.__file__).resolve().parent.parent)
 WORKER = HERE / "_ddp_worker.py"
 
 _spec = importlib.util.spec_from_file_location("_sdk_ddp_worker", WORKER)
@@ -43,10 +46,10 @@ def _run_ddp_job(tmp_path) -> dict:
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; no hostname lookup
     env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([PKG_PARENT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(W.WORLD),
                                str(store.port), str(out)],
-                              cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
+                              cwd=str(Path(__file__).resolve().parent), env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for r in range(W.WORLD)]
     logs = []

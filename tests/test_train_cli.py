@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
+import sdkernels
 from sdkernels.train import TrainConfig, build_parser, main, parse_config
 
-ROOT = Path(__file__).resolve().parent.parent
+# Subprocesses import the same sdkernels as this process (the installed package in CI,
+# the source tree in an editable install), and run outside the repository root so the
+# uncompiled source tree cannot shadow an installed package.
+PKG_PARENT = str(Path(sdkernels.__file__).resolve().parent.parent)
 
 ISSUE_FLAGS = ["--depth", "--p-last", "--schedule", "--mode", "--scaling", "--epochs", "--lr",
                "--batch-size", "--val-size", "--dataset", "--backend", "--amp",
@@ -19,7 +23,7 @@ ISSUE_FLAGS = ["--depth", "--p-last", "--schedule", "--mode", "--scaling", "--ep
 
 
 def test_help_as_module():
-    p = subprocess.run([sys.executable, "-m", "sdkernels.train", "--help"], cwd=str(ROOT),
+    p = subprocess.run([sys.executable, "-m", "sdkernels.train", "--help"], cwd=str(Path(__file__).resolve().parent),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     for flag in ISSUE_FLAGS:

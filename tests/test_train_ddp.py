@@ -22,7 +22,10 @@ import sdkernels
 from sdkernels.train.checkpoint import load_checkpoint
 from sdkernels.train.dist import _digest
 
-ROOT = Path(__file__).resolve().parent.parent
+# Subprocesses import the same sdkernels as this process (the installed package in CI,
+# the source tree in an editable install), and run outside the repository root so the
+# uncompiled source tree cannot shadow an installed package.
+PKG_PARENT = str(Path(sdkernels.__file__).resolve().parent.parent)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -40,13 +43,13 @@ def test_torchrun_two_ranks_identical_weights(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([PKG_PARENT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            "-m", "sdkernels.train", "--depth", "20", "--synthetic-size", "144",
            "--val-size", "16", "--batch-size", "16", "--epochs", "2", "--seed", "5",
            "--out", str(out), "--log-steps", "--no-progress", "--threads", "1"]
-    p = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=150)
+    p = subprocess.run(cmd, cwd=str(Path(__file__).resolve().parent), env=env, capture_output=True, text=True, timeout=150)
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-4000:]
     assert "find_unused_parameters" not in log and "Expected to have finished reduction" not in log

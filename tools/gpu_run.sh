@@ -3,7 +3,7 @@
 # installed (CUDA) torch, run the gpu tests and the benchmarks, and keep logs and JSON.
 #   bash tools/gpu_run.sh OUT_DIR
 set -uo pipefail
-out="${1:?usage: tools/gpu_run.sh OUT_DIR}"
+out="$(realpath -m "${1:?usage: tools/gpu_run.sh OUT_DIR}")"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

@@ -9,7 +9,7 @@ import contextlib
 import copy
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -181,7 +181,7 @@ def _run(cfg: BenchConfig, progress) -> dict:
             meas["saving_vs_naive"] = 1.0 - meas["sdkernels_vs_naive"]
         if gates:
             meas["mean_active_blocks"] = statistics.fmean(
-                sum(predict._gate_fraction(b) for b in step) for step in gates)
+                sum(predict.gate_fraction(b) for b in step) for step in gates)
         meas["expected_active_blocks"] = flop["expected_depth"]
     if cfg.calibration:
         t_stage = [centre[calib_name(s)] for s in bm.stages]

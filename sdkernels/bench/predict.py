@@ -14,8 +14,10 @@ Two predictions of the expected step-time ratio E[T_sd] / T_all:
   the same interleaved run: "fixed part + sum over blocks of p_l times that block's
   measured time".
 
-Both are predictions of an *expectation*: the measured side must be a mean over many
-steps with random gates, not a median. :func:`realized_time_ratio` gives the same
+Both are predictions of an *expectation* over random gates. The comparison uses the
+median over many interleaved steps, which estimates it (the number of active blocks is
+a sum of independent Bernoullis, near-symmetric) and resists steps slowed by other
+processes. :func:`realized_time_ratio` gives the same
 time-weighted formula evaluated at the gates that were actually drawn in the timed
 steps, which separates the luck of the draw from everything else.
 """
@@ -124,7 +126,8 @@ def time_prediction(t_none: float, t_stage: Sequence[float], t_all: float,
     }
 
 
-def _gate_fraction(g) -> float:
+def gate_fraction(g) -> float:
+    """Fraction of a block's rows that ran: a batch gate is 0 or 1, row gates their mean."""
     if isinstance(g, torch.Tensor):
         return float(g.float().mean()) if g.numel() else 0.0
     return float(bool(g))
@@ -141,6 +144,6 @@ def realized_time_ratio(pred: Mapping, stage_of: Sequence[int], gates: Sequence[
     per_stage = pred["t_block_per_stage"]
     vals = []
     for step in gates:
-        t = pred["t_none"] + sum(_gate_fraction(b) * per_stage[k] for b, k in zip(step, stage_of))
+        t = pred["t_none"] + sum(gate_fraction(b) * per_stage[k] for b, k in zip(step, stage_of))
         vals.append(t / pred["t_all"])
     return sum(vals) / len(vals)

@@ -96,20 +96,21 @@ def format_table(rec: dict) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(o):
+def jsonable(o):
+    """JSON-ready copy: non-finite floats become null, keys strings, tuples lists."""
     if isinstance(o, float) and not math.isfinite(o):
         return None
     if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
+        return {str(k): jsonable(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
+        return [jsonable(v) for v in o]
     return o
 
 
 def write_json(rec: dict, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(rec), indent=2))
+    path.write_text(json.dumps(jsonable(rec), indent=2))
     return path
 
 

@@ -75,7 +75,8 @@ class BenchModels:
         return [CALIB_NONE] + [calib_name(s) for s in self.stages] + [CALIB_ALL]
 
 
-def _fix_gates(model: nn.Module, active_stage: int | None, all_active: bool = False) -> None:
+def fix_gates(model: nn.Module, active_stage: int | None, all_active: bool = False) -> None:
+    """Force every block's gate: on in stage ``active_stage`` (or everywhere), off elsewhere."""
     _, stage_of = stages_of(model)
     for (_, block), k in zip(residual_blocks(model), stage_of):
         block.gate_generator = FixedGates(all_active or k == active_stage)
@@ -117,7 +118,7 @@ def build_variants(depth: int = 110, *, p_last: float = 0.5, schedule="linear",
         plans += [(CALIB_ALL, None, True)]
         for name, stage, all_active in plans:
             m = convert(copy.deepcopy(base), p_last, schedule, mode="batch", seed=seed)
-            _fix_gates(m, stage, all_active)
+            fix_gates(m, stage, all_active)
             models[name] = m.to(device).train()
     return BenchModels(models=models, depth=depth, probs=probs, stages=stages,
                        stage_of=stage_of, base=base)

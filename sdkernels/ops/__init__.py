@@ -7,7 +7,6 @@ statistics come in as arguments: nothing here reads hidden state.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import extension, reference
 from ..backends import resolve_backend

@@ -38,9 +38,11 @@ from torch import nn
 from ..backends import use_backend
 from ..bench import predict as bench_predict
 from ..bench.timing import interleaved_timing, summarize, synchronize
-from ..bench.variants import stages_of
+from ..bench.predict import gate_fraction
+from ..bench.report import jsonable
+from ..bench.variants import fix_gates, stages_of
 from ..convert import residual_blocks
-from ..gates import FixedGates, gate_state, load_gate_state
+from ..gates import gate_state, load_gate_state
 from ..models import cifar_resnet
 from ..schedule import expected_depth
 from . import checkpoint as ckpt
@@ -113,16 +115,10 @@ def _say(env, *msg):
         print(*msg, flush=True)
 
 
-def _gate_value(g) -> float:
-    if isinstance(g, torch.Tensor):
-        return float(g.float().mean()) if g.numel() else 0.0
-    return 1.0 if g else 0.0
-
-
 def _gate_str(gates) -> str | list:
     if all(isinstance(g, bool) or g is None for g in gates):
         return "".join("1" if g else "0" for g in gates)
-    return [round(_gate_value(g), 6) for g in gates]
+    return [round(gate_fraction(g), 6) for g in gates]
 
 
 # --- the pieces of a run ------------------------------------------------------------------
@@ -267,7 +263,7 @@ def _run_epoch(runner: _Runner, data: _Data, epoch: int, aug: D.Augmenter, desc:
         correct += corr
         seen += y.shape[0]
         gates = runner.gates()
-        vals = [_gate_value(g) for g in gates]
+        vals = [gate_fraction(g) for g in gates]
         depth_sum += sum(vals)
         for l, v in enumerate(vals):
             block_sums[l] += v
@@ -307,9 +303,7 @@ def _run_epoch(runner: _Runner, data: _Data, epoch: int, aug: D.Augmenter, desc:
 
 def _fixed_copy(model: nn.Module, active_stage: int | None, all_active: bool) -> nn.Module:
     m = copy.deepcopy(model)
-    _, stage_of = stages_of(m)
-    for (_, b), k in zip(residual_blocks(m), stage_of):
-        b.gate_generator = FixedGates(all_active or k == active_stage)
+    fix_gates(m, active_stage, all_active)
     return m
 
 
@@ -509,18 +503,8 @@ def _format_summary(cfg, s: dict, data_source: str) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    return o
-
-
 def _log_line(rec: dict) -> str:
-    return json.dumps(_jsonable({k: v for k, v in rec.items() if k != "block_active"}))
+    return json.dumps(jsonable({k: v for k, v in rec.items() if k != "block_active"}))
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -670,7 +654,7 @@ def _train(cfg: TrainConfig, env: tdist.DistEnv) -> dict:
     summary = _summary(cfg, env, history, baseline, tp, flop, e_depth, n_blocks, digests)
     summary["finished"] = len([h for h in history if h.get("phase") == "stochastic"]) >= cfg.epochs
     if env.is_main:
-        (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+        (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
         print(_format_summary(cfg, summary, data.source), flush=True)
     tdist.barrier(env)
     return summary
