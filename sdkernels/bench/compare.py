@@ -80,6 +80,21 @@ def _sweep_values(cfg: BenchConfig) -> list[float]:
     return [float(p) for p in cfg.sweep if float(p) != float(cfg.p_last)]
 
 
+def paired_centres(times: dict[str, list[float]], reference: str = "constant") -> dict[str, float]:
+    """Robust per-variant step time from interleaved rounds (seconds).
+
+    With a ``reference`` variant: median over rounds of t_v[r] / t_ref[r], times the
+    reference's median, so that noise shared by one round (the machine slowing down
+    for a few seconds) cancels. Without one: plain medians.
+    """
+    if reference not in times:
+        return {n: statistics.median(ts) for n, ts in times.items()}
+    ref = times[reference]
+    ref_median = statistics.median(ref)
+    return {n: statistics.median([t / r for t, r in zip(ts, ref)]) * ref_median
+            for n, ts in times.items()}
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
@@ -140,11 +155,13 @@ def _run(cfg: BenchConfig, progress) -> dict:
         "predictions": {"flop": flop},
         "measured": {},
         "notes": [
-            "Ratios are of medians over the timed steps: robust to steps slowed by other "
-            "processes on a shared machine. For the random-gated variant the median "
-            "estimates the expectation the predictions give, because the number of "
-            "active blocks (a sum of independent Bernoullis) is near-symmetric; means "
-            "are recorded too.",
+            "Ratios are of paired medians: each step time is divided by the constant-depth "
+            "step of the same round, the median over rounds is taken, and multiplied back "
+            "by the constant-depth median (variants[*].paired_centre). A slow spell of a "
+            "shared machine that spans a round cancels out. For the random-gated variant "
+            "the median estimates the expectation the predictions give, because the "
+            "number of active blocks (a sum of independent Bernoullis) is near-symmetric; "
+            "plain medians and means are recorded too.",
             "time-weighted prediction = (T_none + sum_l p_l t_stage(l)) / T_all from the "
             "FixedGates calibration variants (medians) timed in the same interleaved run.",
         ],
@@ -164,7 +181,9 @@ def _run(cfg: BenchConfig, progress) -> dict:
             "mode=row: the calibration fixes whole blocks on or off, so the time-weighted "
             "prediction assumes a block's cost is proportional to its surviving rows; the "
             "gather/scatter of row mode is not in it.")
-    centre = {n: s["median"] for n, s in stats.items()}  # the robust centre (see notes)
+    centre = paired_centres(times)  # the robust centre (see notes)
+    for n, c in centre.items():
+        stats[n]["paired_centre"] = c
     meas = record["measured"]
     if "constant" in centre:
         for n in centre:

@@ -41,18 +41,18 @@ def format_table(rec: dict) -> str:
         f"{cfg['steps']} timed interleaved rounds after {cfg['warmup']} warm-up rounds",
         "",
         f"{'variant':<26}{'median ms':>10}{'IQR ms':>10}{'mean ms':>10}{'n':>5}"
-        f"{'median/const':>14}",
+        f"{'paired/const':>14}",
     ]
-    const = var.get("constant", {}).get("median")
+    const = var.get("constant", {}).get("paired_centre")
     for name, s in var.items():
-        rel = f"{s['median'] / const:14.3f}" if const else " " * 14
+        rel = f"{s['paired_centre'] / const:14.3f}" if const else " " * 14
         lines.append(f"{_label(name):<26}{_ms(s['median']):>10}{_ms(s['iqr']):>10}"
                      f"{_ms(s['mean']):>10}{s['n']:>5}{rel}")
     lines.append("")
     if "saving_vs_constant" in meas:
         lines.append(f"measured saving vs constant depth: {meas['saving_vs_constant']:6.1%}"
                      f"   (ratio {meas['sdkernels_vs_constant']:.3f} "
-                     f"+- {meas['stderr_vs_constant']:.3f} s.e., medians over steps)")
+                     f"+- {meas['stderr_vs_constant']:.3f} s.e., paired medians over rounds)")
     if "saving_vs_naive" in meas:
         lines.append(f"measured saving vs naive SD:       {meas['saving_vs_naive']:6.1%}"
                      f"   (ratio {meas['sdkernels_vs_naive']:.3f})")
