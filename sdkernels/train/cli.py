@@ -41,24 +41,27 @@ examples:
 """
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _number(kind, *, positive: bool):
+    """argparse type: an int or finite float, > 0 (``positive``) or >= 0."""
+    what = ("a positive integer" if positive else "an integer >= 0") if kind is int else \
+        ("a positive number" if positive else "a number >= 0")
+
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if (v <= 0 if positive else v < 0) or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+_positive_int = _number(int, positive=True)
+_nonneg_int = _number(int, positive=False)
+_positive_float = _number(float, positive=True)
+_nonneg_float = _number(float, positive=False)
 
 
 def _depth(s: str) -> int:
@@ -80,26 +83,6 @@ def _prob(s: str) -> float:
         v = float("nan")
     if not 0.0 < v <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a survival probability in (0, 1], got {s!r}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        v = float("nan")
-    if not v > 0.0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        v = float("nan")
-    if not v >= 0.0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
     return v
 
 
