@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
+
 extern "C" {
 // Empty module: `import sdkernels._C` only has to load the library.
 PyObject* PyInit__C(void) {
@@ -99,6 +101,75 @@ void check_scale_bias_add_relu_backward_inputs(const at::Tensor& grad_out,
   check_per_channel(op, "scale", scale, x);
 }
 
+// Per-channel statistics (mean, invstd) and BN parameters: 1-D of length C, float32 for
+// float32/float16/bfloat16 x, float64 for float64 x (the kernels' accumulation dtype).
+void check_stat(const char* op, const char* name, const at::Tensor& v, const at::Tensor& x) {
+  check_per_channel(op, name, v, x);
+  const at::ScalarType want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(v.scalar_type() == want, op, ": expected ", name, " to be ", want,
+              " (the statistics dtype for ", x.scalar_type(), " x), got ", v.scalar_type());
+}
+
+void check_bn_stats_inputs(const at::Tensor& x,
+                           const std::optional<at::Tensor>& running_mean,
+                           const std::optional<at::Tensor>& running_var, double momentum,
+                           double eps) {
+  constexpr const char* op = "sdkernels::bn_stats";
+  check_x(op, x);
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
+              ": expected running_mean and running_var to be both given or both None");
+  if (running_mean.has_value()) {
+    check_per_channel(op, "running_mean", *running_mean, x);
+    check_per_channel(op, "running_var", *running_var, x);
+    TORCH_CHECK(running_mean->is_contiguous() && running_var->is_contiguous(), op,
+                ": expected contiguous running_mean and running_var (updated in place)");
+  }
+  TORCH_CHECK(momentum >= 0.0 && momentum <= 1.0, op,
+              ": expected momentum in [0, 1], got ", momentum);
+  TORCH_CHECK(eps > 0.0, op, ": expected eps > 0, got ", eps);
+}
+
+void check_scale_bias_relu_inputs(const at::Tensor& x, const at::Tensor& scale,
+                                  const at::Tensor& bias) {
+  constexpr const char* op = "sdkernels::scale_bias_relu";
+  check_x(op, x);
+  check_per_channel(op, "scale", scale, x);
+  check_per_channel(op, "bias", bias, x);
+  TORCH_CHECK(bias.scalar_type() == scale.scalar_type(), op,
+              ": expected scale and bias to have the same dtype, got ",
+              scale.scalar_type(), " and ", bias.scalar_type());
+}
+
+void check_relu_bn_backward_reduce_inputs(const at::Tensor& grad_out,
+                                          const std::optional<at::Tensor>& out,
+                                          const at::Tensor& y, const at::Tensor& mean,
+                                          const at::Tensor& invstd) {
+  constexpr const char* op = "sdkernels::relu_bn_backward_reduce";
+  check_x(op, y);
+  check_like_x(op, "grad_out", grad_out, y);
+  if (out.has_value()) check_like_x(op, "out", *out, y);
+  check_stat(op, "mean", mean, y);
+  check_stat(op, "invstd", invstd, y);
+}
+
+void check_bn_backward_apply_inputs(const at::Tensor& grad_out,
+                                    const std::optional<at::Tensor>& out,
+                                    const at::Tensor& y, const at::Tensor& mean,
+                                    const at::Tensor& invstd,
+                                    const std::optional<at::Tensor>& weight,
+                                    const at::Tensor& sum_dy,
+                                    const at::Tensor& sum_dy_xhat) {
+  constexpr const char* op = "sdkernels::bn_backward_apply";
+  check_x(op, y);
+  check_like_x(op, "grad_out", grad_out, y);
+  if (out.has_value()) check_like_x(op, "out", *out, y);
+  check_stat(op, "mean", mean, y);
+  check_stat(op, "invstd", invstd, y);
+  if (weight.has_value()) check_stat(op, "weight", *weight, y);
+  check_stat(op, "sum_dy", sum_dy, y);
+  check_stat(op, "sum_dy_xhat", sum_dy_xhat, y);
+}
+
 }  // namespace sdkernels
 
 TORCH_LIBRARY(sdkernels, m) {
@@ -111,5 +182,35 @@ TORCH_LIBRARY(sdkernels, m) {
   m.def(
       "scale_bias_add_relu_backward(Tensor grad_out, Tensor out, Tensor x, "
       "Tensor scale) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // --- Training-mode BN, decomposed as in DESIGN 5 (ops below) --------------------
+  // Per-channel batch statistics of x [N, C, *] over M = N * prod(shape[2:]) values:
+  // returns (mean, invstd = 1 / sqrt(var + eps)), var biased, in the statistics dtype
+  // (float32, or float64 for float64 x). When running_mean/running_var are given they
+  // are updated in place as nn.BatchNorm does: r = (1 - momentum) * r + momentum * s,
+  // with the unbiased variance var * M / (M - 1) (M == 1: var itself). M == 0: mean 0,
+  // invstd 1 / sqrt(eps), running statistics untouched.
+  m.def(
+      "bn_stats(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "float momentum, float eps) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // out = relu(x * scale[c] + bias[c]): BN apply + ReLU inside a residual branch.
+  m.def("scale_bias_relu(Tensor x, Tensor scale, Tensor bias) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // BN-backward reductions behind an optional ReLU: dy = grad_out where out > 0 (all of
+  // grad_out when out is None), xhat = (y - mean[c]) * invstd[c]. Returns
+  // (sum_dy[c], sum_dy_xhat[c], dy): sums in the statistics dtype; dy is materialised
+  // (y's shape, dtype and memory format) when want_dy, else an empty tensor of shape [0].
+  m.def(
+      "relu_bn_backward_reduce(Tensor grad_out, Tensor? out, Tensor y, Tensor mean, "
+      "Tensor invstd, bool want_dy) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // BN-backward apply: grad_y = weight[c] * invstd[c] * (dy - sum_dy[c] / M
+  //                                 - xhat * sum_dy_xhat[c] / M)
+  // with dy and xhat as above, M = numel / C, weight = gamma (times the gate scale) or 1
+  // when None. M == 0 gives an empty grad_y.
+  m.def(
+      "bn_backward_apply(Tensor grad_out, Tensor? out, Tensor y, Tensor mean, "
+      "Tensor invstd, Tensor? weight, Tensor sum_dy, Tensor sum_dy_xhat) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 }

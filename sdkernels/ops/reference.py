@@ -17,6 +17,11 @@ __all__ = [
     "scale_bias_add_relu",
     "scale_bias_add_relu_backward",
     "batch_norm_add_relu",
+    "stats_dtype",
+    "bn_stats",
+    "scale_bias_relu",
+    "relu_bn_backward_reduce",
+    "bn_backward_apply",
     "mask_multiply",
     "bernoulli_mask",
 ]
@@ -66,6 +71,89 @@ def batch_norm_add_relu(y, residual, weight, bias, running_mean, running_var, *,
     if gate_scale == 1.0:
         return z.add_(residual).relu_()
     return torch.add(residual, z, alpha=gate_scale).relu_()
+
+
+# ---------------------------------------------------------------------------------------
+# Training-mode batch norm decomposed as DESIGN 5 does (statistics, apply, backward
+# reductions, backward apply): the oracle of the compiled ops of the same names.
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of per-channel statistics for activations of ``dtype`` (fp32, fp64 for fp64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def bn_stats(x, running_mean, running_var, momentum: float, eps: float):
+    """(mean, invstd) over all but dim 1; updates the running statistics in place.
+
+    Matches ``F.batch_norm(training=True)``: biased variance for invstd, unbiased for the
+    running variance. An empty x gives mean 0, invstd 1/sqrt(eps) and no update.
+    """
+    acc = stats_dtype(x.dtype)
+    xs = x.to(acc)
+    m = x.numel() // max(x.shape[1], 1) if x.dim() >= 2 else 0
+    if m == 0:
+        c = x.shape[1]
+        return (torch.zeros(c, dtype=acc, device=x.device),
+                torch.full((c,), eps, dtype=acc, device=x.device).rsqrt())
+    var, mean = torch.var_mean(xs, dim=_reduce_dims(x), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    if running_mean is not None:
+        unbiased = var * (m / (m - 1)) if m > 1 else var
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return mean, invstd
+
+
+def scale_bias_relu(x, scale, bias):
+    """relu(x * scale[c] + bias[c]): BN apply (folded) + ReLU inside a residual branch."""
+    s = _per_channel(scale, x.dim()).to(x.dtype)
+    b = _per_channel(bias, x.dim()).to(x.dtype)
+    return torch.relu(x * s + b)
+
+
+def _masked(grad_out, out):
+    if out is None:
+        return grad_out
+    return torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
+
+
+def relu_bn_backward_reduce(grad_out, out, y, mean, invstd, want_dy: bool):
+    """(sum dy, sum dy * xhat, dy or empty): BN-backward reductions behind a ReLU.
+
+    dy = grad_out where out > 0 (out None: no ReLU), xhat = (y - mean) * invstd.
+    """
+    dy = _masked(grad_out, out)
+    acc = mean.dtype
+    xhat = (y.to(acc) - _per_channel(mean, y.dim())) * _per_channel(invstd, y.dim())
+    dims = _reduce_dims(y)
+    sum_dy = dy.to(acc).sum(dims)
+    sum_dy_xhat = (dy.to(acc) * xhat).sum(dims)
+    return sum_dy, sum_dy_xhat, (dy.contiguous(memory_format=_fmt(y)) if want_dy
+                                 else y.new_empty(0))
+
+
+def bn_backward_apply(grad_out, out, y, mean, invstd, weight, sum_dy, sum_dy_xhat):
+    """grad_y = weight * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)."""
+    dy = _masked(grad_out, out)
+    acc = mean.dtype
+    m = y.numel() // max(y.shape[1], 1)
+    if m == 0:
+        return torch.empty_like(y, memory_format=_fmt(y))
+    pc = lambda v: _per_channel(v, y.dim())  # noqa: E731
+    k = invstd if weight is None else weight.to(acc) * invstd
+    xhat = (y.to(acc) - pc(mean)) * pc(invstd)
+    g = pc(k) * (dy.to(acc) - pc(sum_dy) / m - xhat * pc(sum_dy_xhat) / m)
+    return g.to(y.dtype).contiguous(memory_format=_fmt(y))
+
+
+def _fmt(x: torch.Tensor) -> torch.memory_format:
+    from torch._prims_common import suggest_memory_format
+    return suggest_memory_format(x)
 
 
 def bernoulli_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
