@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops
+from . import inference, ops
 from .gates import GateGenerator, default_generator
 from .ops import reference
 from .schedule import check_prob
@@ -75,31 +75,49 @@ class _ZeroGradTie(torch.autograd.Function):
         return (grad, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta])
 
 
-def _bn_tail(bn: nn.Module, y, residual, gate_scale: float):
-    """relu(residual + gate_scale * bn(y)), fused where ``bn`` is a plain BatchNorm.
+def _bn_batch_args(bn: nn.Module):
+    """(use_batch_stats, running_mean, running_var, momentum) of a BatchNorm call.
 
     Mirrors ``nn.modules.batchnorm._BatchNorm.forward`` (momentum=None cumulative
     average, num_batches_tracked, track_running_stats=False) so that a converted model
-    updates its buffers exactly as the original does. Other norms (SyncBatchNorm,
-    FrozenBatchNorm2d, GroupNorm, ...) are called as modules, then added and rectified.
+    updates its buffers exactly as the original does; counts the batch like it does.
+    """
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return (use_batch_stats, bn.running_mean if track else None,
+            bn.running_var if track else None, momentum)
+
+
+def _bn_tail(bn: nn.Module, y, residual, gate_scale: float):
+    """relu(residual + gate_scale * bn(y)), fused where ``bn`` is a plain BatchNorm.
+
+    Other norms (SyncBatchNorm, FrozenBatchNorm2d, GroupNorm, ...) are called as
+    modules, then added and rectified.
     """
     if type(bn) in (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d):
         bn._check_input_dim(y)
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-        track = not bn.training or bn.track_running_stats
+        use_batch_stats, rm, rv, momentum = _bn_batch_args(bn)
         return ops.batch_norm_add_relu(
-            y, residual, bn.weight, bn.bias,
-            bn.running_mean if track else None, bn.running_var if track else None,
+            y, residual, bn.weight, bn.bias, rm, rv,
             training=use_batch_stats, momentum=momentum, eps=bn.eps, gate_scale=gate_scale)
     z = bn(y)
     if gate_scale != 1.0:
         z = z * gate_scale
     return torch.relu(z + residual)
+
+
+def _fusable_conv(m) -> bool:
+    return (type(m) is nn.Conv2d and m.bias is None and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
+
+
+def _fusable_bn(m) -> bool:
+    return type(m) is nn.BatchNorm2d and m.training
 
 
 class StochasticDepthBlock(nn.Module):
@@ -208,8 +226,56 @@ class StochasticDepthBlock(nn.Module):
         return out
 
     def _active(self, x, gate_scale: float):
+        path = self._fused_path(x)
+        if path is not None and path[1] == "eval":
+            return inference.block_eval(self, x, gate_scale, path[0])
+        m = self.shortcut_module
+        return self._branch_tail(x, None if _is_identity(m) else m(x), gate_scale)
+
+    def _branch_tail(self, x, residual, gate_scale: float):
+        """relu(residual + gate_scale * f(x)); ``residual=None`` means x itself.
+
+        In training, where the backend and the modules allow, the whole branch runs as
+        one recomputing autograd function (``ops.fused_block``, DESIGN 5); otherwise
+        (and always on the reference backend) the modules run.
+        """
+        path = self._fused_path(x)
+        if path is not None and path[1] == "train":
+            return ops.residual_branch_train(x, residual, self._train_stages(), gate_scale,
+                                             backend=path[0])
         y = self._branch(x)
-        return _bn_tail(self._last_norm, y, self._shortcut(x), gate_scale)
+        return _bn_tail(self._last_norm, y, x if residual is None else residual, gate_scale)
+
+    def _fused_path(self, x):
+        """(backend, "train" | "eval") when a fused path applies to this call, else None."""
+        if x.dim() != 4 or x.shape[0] == 0 or torch.compiler.is_compiling():
+            return None
+        backend = ops.resolve_backend(x.device)
+        if backend == "reference":
+            return None
+        stages = self._conv_bn_stages()
+        if not all(_fusable_conv(c) for c, _ in stages):
+            return None
+        if self.training:
+            if not all(_fusable_bn(b) for _, b in stages):
+                return None
+            if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+                return None  # BN raises on one value per channel; let the module say so
+            return backend, "train"
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return None  # folded weights have no autograd
+        if not inference.can_fold(self) or any(b.training for _, b in stages):
+            return None
+        return backend, "eval"
+
+    def _train_stages(self):
+        stages = []
+        for conv, bn in self._conv_bn_stages():
+            _, rm, rv, momentum = _bn_batch_args(bn)
+            stages.append(ops.ConvBN(conv.weight, tuple(conv.stride), tuple(conv.padding),
+                                     tuple(conv.dilation), conv.groups, bn.weight, bn.bias,
+                                     rm, rv, momentum, bn.eps))
+        return stages
 
     def _active_rows(self, x, keep: torch.Tensor, gate_scale: float):
         # keep is a CPU bool tensor: the number of survivors is known on the host
@@ -220,10 +286,10 @@ class StochasticDepthBlock(nn.Module):
         if n_keep == x.shape[0]:
             return self._active(x, gate_scale)
         idx = _to_device(keep.nonzero().squeeze(1), x.device)
-        y = self._branch(x.index_select(0, idx))
         m = self.shortcut_module
         sc = self._shortcut(x)
-        t = _bn_tail(self._last_norm, y, sc.index_select(0, idx), gate_scale)
+        t = self._branch_tail(x.index_select(0, idx),
+                              None if _is_identity(m) else sc.index_select(0, idx), gate_scale)
         base = sc if _is_identity(m) else torch.relu(sc)
         return base.index_copy(0, idx, t.to(base.dtype))
 
@@ -312,6 +378,9 @@ class BasicBlock(StochasticDepthBlock):
     def _branch_modules(self):
         return (self.conv1, self.bn1, self.conv2, self.bn2)
 
+    def _conv_bn_stages(self):
+        return ((self.conv1, self.bn1), (self.conv2, self.bn2))
+
     def _branch(self, x):
         return self.conv2(self.relu(self.bn1(self.conv1(x))))
 
@@ -348,6 +417,9 @@ class Bottleneck(StochasticDepthBlock):
 
     def _branch_modules(self):
         return (self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3)
+
+    def _conv_bn_stages(self):
+        return ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
 
     def _branch(self, x):
         y = self.relu(self.bn1(self.conv1(x)))

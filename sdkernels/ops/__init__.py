@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from . import extension, reference
+from . import extension, fused_block, reference
 from ..backends import resolve_backend
+from .fused_block import ConvBN
 
-__all__ = ["scale_bias_add_relu", "batch_norm_add_relu", "reference", "extension"]
+__all__ = ["scale_bias_add_relu", "batch_norm_add_relu", "residual_branch_train", "ConvBN",
+           "resolve_backend", "reference", "extension", "fused_block"]
 
 
 def scale_bias_add_relu(x, scale, bias, residual):
@@ -50,3 +52,16 @@ def batch_norm_add_relu(y, residual, weight, bias, running_mean, running_var, *,
     if gate_scale != 1.0:
         scale, shift = scale * gate_scale, shift * gate_scale
     return extension.scale_bias_add_relu(y, scale, shift, residual)
+
+
+def residual_branch_train(x, residual, stages, gate_scale: float, *, backend: str | None = None):
+    """relu(residual + gate_scale * branch(x)) in training, fused (see ``ops.fused_block``).
+
+    ``residual=None`` is the identity shortcut; ``stages`` are :class:`ConvBN` records.
+    ``backend`` defaults to the active one; "reference" runs the same recomputing
+    function on the pure-PyTorch versions of the ops (for tests).
+    """
+    backend = backend or resolve_backend(x.device)
+    kernels = (fused_block.REFERENCE_KERNELS if backend == "reference"
+               else fused_block.extension_kernels())
+    return fused_block.residual_branch_train(x, residual, stages, gate_scale, kernels)

@@ -1,0 +1,281 @@
+"""Eval path: BN and p_l folded into the convolutions, cached per block.
+
+In eval a residual block is ``relu(shortcut(x) + g * f(x))`` with fixed BN statistics
+and a fixed gate scale g (p_l under ``scaling="test"``, 1 under ``"train"``). Each
+conv + BN stage folds into one convolution with a bias::
+
+    w' = w * gamma / sqrt(var + eps) * g        b' = (beta - mean * gamma / sqrt(var + eps)) * g
+
+(g only on the last stage), so a BasicBlock becomes two convolutions with a bias+ReLU
+and a bias+residual+ReLU epilogue (DESIGN 5). Projection shortcuts (1x1 conv + BN) fold
+the same way.
+
+Folded weights are cached on the block and rebuilt when any source tensor changes:
+the cache key holds each conv weight's and BN tensor's identity and version counter
+(in-place updates such as ``optimizer.step()`` or ``load_state_dict`` bump it), the
+gate scale, dtype, device and layout. Writes through ``.data`` bypass version counters:
+after those, call ``clear_cache(model)``, which drops every cache.
+
+Executors, per device:
+* CPU: oneDNN convolutions with fused post-ops (``torch.ops.mkldnn._convolution_pointwise``:
+  bias+ReLU, and bias + residual add + ReLU), weights reordered once into oneDNN's
+  blocked layout and cached, activations in channels_last.
+* CUDA: cuDNN convolutions with the folded weights, then the extension's fused
+  bias(+residual)+ReLU epilogue ops.
+* The reference: the same folded math in plain PyTorch (``block_eval_reference``).
+
+Used only when no gradient is needed (``torch.no_grad()`` / ``inference_mode`` or no
+parameter requiring grad): folding under autograd would need its own backward, so eval
+with gradients runs the module path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["fold_conv_bn", "FoldedConv", "FoldedBlock", "fold_block", "block_eval",
+           "block_eval_reference", "clear_cache", "can_fold", "onednn_fused_available"]
+
+_CACHE_ATTR = "_sd_fold_cache"
+
+
+def fold_conv_bn(weight: torch.Tensor, bn: nn.BatchNorm2d, gate_scale: float = 1.0,
+                 conv_bias: Optional[torch.Tensor] = None):
+    """(weight', bias') of conv followed by eval-mode ``bn``, times ``gate_scale``.
+
+    Computed in float64 and cast back, so folding adds no error of its own.
+    """
+    w = weight.detach().double()
+    invstd = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    gamma = invstd if bn.weight is None else bn.weight.detach().double() * invstd
+    mean = bn.running_mean.detach().double()
+    if conv_bias is not None:
+        mean = mean - conv_bias.detach().double()
+    beta = torch.zeros_like(mean) if bn.bias is None else bn.bias.detach().double()
+    scale = gamma * gate_scale
+    w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    b = (beta - mean * gamma) * gate_scale
+    return w.to(weight.dtype), b.to(torch.float32 if weight.dtype != torch.float64 else torch.float64)
+
+
+@dataclass
+class FoldedConv:
+    weight: torch.Tensor           # folded, in the compute dtype (channels_last for 4-D)
+    bias: torch.Tensor             # folded, float32 (float64 for float64)
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    packed: Optional[torch.Tensor] = None   # oneDNN blocked weight (CPU executor)
+
+    def as_tuple(self):
+        return (self.weight, self.bias, self.stride, self.padding)
+
+
+@dataclass
+class FoldedBlock:
+    convs: list            # [FoldedConv]: every one but the last followed by ReLU
+    shortcut: tuple        # ("identity",) | ("module", module) | ("projection", FoldedConv)
+
+
+def _plain_bn(m) -> bool:
+    return type(m) is nn.BatchNorm2d and m.running_mean is not None and m.running_var is not None
+
+
+def _plain_conv(m) -> bool:
+    return (type(m) is nn.Conv2d and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
+
+
+def _projection(m):
+    """(conv, bn) when ``m`` is a torchvision-style projection Sequential(conv1x1, BN)."""
+    if type(m) is nn.Sequential and len(m) == 2 and _plain_conv(m[0]) and _plain_bn(m[1]):
+        return m[0], m[1]
+    return None
+
+
+def can_fold(block) -> bool:
+    """True when the block's branch is plain Conv2d + BatchNorm2d stages."""
+    stages = getattr(block, "_conv_bn_stages", None)
+    if stages is None:
+        return False
+    return all(_plain_conv(c) and _plain_bn(b) for c, b in stages())
+
+
+def _key(block, gate_scale, dtype, device, packed):
+    parts = [gate_scale, dtype, device, packed]
+    tensors = []
+    for conv, bn in block._conv_bn_stages():
+        tensors += [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        parts.append(bn.eps)
+    proj = _projection(block.shortcut_module) if block.shortcut_module is not None else None
+    if proj is not None:
+        tensors += [proj[0].weight, proj[0].bias, proj[1].weight, proj[1].bias,
+                    proj[1].running_mean, proj[1].running_var]
+    for t in tensors:
+        parts.append(None if t is None else (id(t), t.data_ptr(), t._version))
+    return tuple(parts)
+
+
+def _fold_one(conv: nn.Conv2d, bn, gate_scale, dtype, packed_for_cpu) -> FoldedConv:
+    w, b = fold_conv_bn(conv.weight, bn, gate_scale, conv.bias)
+    w = w.to(dtype).contiguous(memory_format=torch.channels_last)
+    if dtype == torch.float64:
+        b = b.double()
+    fc = FoldedConv(w, b, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
+                    conv.groups)
+    if packed_for_cpu:
+        fc.packed = torch.ops.mkldnn._reorder_convolution_weight(
+            w, list(fc.padding), list(fc.stride), list(fc.dilation), fc.groups)
+        fc.bias = b.to(dtype)  # oneDNN wants the bias in the activation dtype
+    return fc
+
+
+def fold_block(block, gate_scale: float, dtype: torch.dtype, device: torch.device,
+               packed: bool = False) -> FoldedBlock:
+    """The block's folded eval form, from its cache when nothing changed."""
+    key = _key(block, gate_scale, dtype, device, packed)
+    cached = block.__dict__.get(_CACHE_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        stages = block._conv_bn_stages()
+        convs = [_fold_one(c, b, gate_scale if i == len(stages) - 1 else 1.0, dtype, packed)
+                 for i, (c, b) in enumerate(stages)]
+        m = block.shortcut_module
+        from .blocks import _is_identity
+        if _is_identity(m):
+            shortcut = ("identity",)
+        elif _projection(m) is not None:
+            pc, pb = _projection(m)
+            shortcut = ("projection", _fold_one(pc, pb, 1.0, dtype, packed))
+        else:
+            shortcut = ("module", m)
+    fb = FoldedBlock(convs, shortcut)
+    block.__dict__[_CACHE_ATTR] = (key, fb)
+    return fb
+
+
+def clear_cache(model: nn.Module) -> None:
+    """Drop every block's cached folded weights (they are rebuilt on the next call)."""
+    for m in model.modules():
+        m.__dict__.pop(_CACHE_ATTR, None)
+
+
+# ---------------------------------------------------------------------------------------
+# Executors
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored that way (and not also plain contiguous)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv(x, c: FoldedConv, bias=True):
+    return F.conv2d(x, c.weight, c.bias.to(x.dtype) if bias else None, c.stride, c.padding,
+                    c.dilation, c.groups)
+
+
+def _residual(fb: FoldedBlock, x, conv_fn):
+    kind = fb.shortcut[0]
+    if kind == "identity":
+        return x
+    if kind == "projection":
+        return conv_fn(x, fb.shortcut[1])
+    return fb.shortcut[1](x)
+
+
+def block_eval_reference(fb: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
+    """The folded block in plain PyTorch: the oracle of the fused executors."""
+    h = x
+    for c in fb.convs[:-1]:
+        h = torch.relu(_conv(h, c))
+    r = _residual(fb, x, _conv)
+    return torch.relu(_conv(h, fb.convs[-1]) + r)
+
+
+def onednn_fused_available() -> bool:
+    """oneDNN convolutions with fused post-ops reachable through ATen (CPU)."""
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
+
+
+def _onednn_conv(x, c: FoldedConv, unary="relu"):
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, c.packed, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,
+        unary, [], "")
+
+
+def _block_eval_cpu(fb: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
+    h = x
+    for c in fb.convs[:-1]:
+        h = _onednn_conv(h, c)
+    kind = fb.shortcut[0]
+    if kind == "identity":
+        r = x
+    elif kind == "projection":
+        r = _onednn_conv(x, fb.shortcut[1], "none")
+    else:
+        r = fb.shortcut[1](x).contiguous(memory_format=torch.channels_last)
+    last = fb.convs[-1]
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        h, r.to(h.dtype), last.packed, last.bias, list(last.padding), list(last.stride),
+        list(last.dilation), last.groups, "add", 1.0, "relu", [], "")
+
+
+def _block_eval_extension(fb: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
+    ext = torch.ops.sdkernels
+    h = x
+    for c in fb.convs[:-1]:
+        y = _conv(h, c, bias=False)
+        h = ext.scale_bias_relu(y, _ones(c.bias), c.bias)
+    r = _residual(fb, x, _conv).to(x.dtype).contiguous(memory_format=torch.channels_last)
+    last = fb.convs[-1]
+    y = _conv(h, last, bias=False)
+    return ext.scale_bias_add_relu(y, _ones(last.bias), last.bias, r)
+
+
+def _ones(b: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(b)
+
+
+def block_eval(block, x: torch.Tensor, gate_scale: float, backend: str) -> torch.Tensor:
+    """relu(shortcut(x) + gate_scale * f(x)) in eval, folded; output in x's layout."""
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    fmt = _layout(x)
+    xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    use_onednn = (x.device.type == "cpu" and backend == "extension"
+                  and dtype in (torch.float32, torch.bfloat16) and onednn_fused_available())
+    fb = fold_block(block, float(gate_scale), dtype, x.device, packed=use_onednn)
+    with torch.autocast(x.device.type, enabled=False):
+        if use_onednn:
+            out = _block_eval_cpu(fb, xc)
+        elif backend == "triton":
+            from .ops import triton as tri
+            out = tri.block_eval(xc, [c.as_tuple() for c in fb.convs], _triton_shortcut(block, fb))
+        elif backend == "extension":
+            out = _block_eval_extension(fb, xc)
+        else:
+            out = block_eval_reference(fb, xc)
+    return out if fmt == torch.channels_last else out.contiguous(memory_format=fmt)
+
+
+def _triton_shortcut(block, fb: FoldedBlock):
+    kind = fb.shortcut[0]
+    if kind == "identity":
+        return ("identity",)
+    if kind == "projection":
+        return ("projection", fb.shortcut[1].as_tuple())
+    m = fb.shortcut[1]
+    from .models.cifar import OptionAShortcut
+    if isinstance(m, OptionAShortcut):
+        return ("option_a", m.stride, m.out_planes)
+    raise NotImplementedError(f"triton eval: unsupported shortcut {type(m).__name__}")

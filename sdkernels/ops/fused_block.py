@@ -1,0 +1,223 @@
+"""Training forward/backward of a whole residual branch with BN, fused and recomputing.
+
+What it fuses (DESIGN 5): a residual block's branch is a chain of stages
+``conv -> BN (batch statistics) -> ReLU`` whose last stage ends in
+``BN * s + residual -> ReLU`` instead. Convolutions run through ATen (oneDNN / cuDNN);
+everything else runs as the sdkernels ops, one pass each:
+
+    forward   y_i = conv_i(a_{i-1})                        (a_0 = block input)
+              mean_i, invstd_i = bn_stats(y_i)             (+ running-stat update)
+              a_i = scale_bias_relu(y_i, k_i, t_i)         (i < L)
+              out = scale_bias_add_relu(y_L, s k_L, s t_L, residual)
+    backward  sums = relu_bn_backward_reduce(g, out, y_L)  (also dy = grad of residual)
+              gy_L = bn_backward_apply(...)
+              a_{i-1} recomputed by scale_bias_relu, then conv backward (dgrad + wgrad),
+              and the same reduce/apply pair for every earlier stage.
+
+Saved for backward: the block input, the convolution outputs y_i, the output, and the
+per-channel mean/invstd: never the BN outputs or the post-ReLU activations, which are
+recomputed. The output is the next block's input, so it costs no extra memory.
+
+Layout: 4-D inputs are computed in channels_last internally (oneDNN's and cuDNN's fast
+layout); the output keeps the input's layout. Gradients for the input come back in
+channels_last, which autograd accepts and the previous block consumes as is.
+
+Limits: plain BatchNorm in training mode (batch statistics), convolutions without bias;
+anything else goes through the module path in ``sdkernels.blocks``. Under
+``torch.compile`` the blocks use the ATen path instead, which Inductor fuses itself.
+Double backward is not supported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference
+
+__all__ = ["ConvBN", "Kernels", "REFERENCE_KERNELS", "extension_kernels", "residual_branch_train"]
+
+_aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class ConvBN:
+    """One conv + BatchNorm stage of a residual branch, everything passed explicitly."""
+
+    weight: torch.Tensor                    # conv weight [Cout, Cin/groups, kh, kw]
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    bn_weight: Optional[torch.Tensor]       # gamma (None: affine=False)
+    bn_bias: Optional[torch.Tensor]         # beta
+    running_mean: Optional[torch.Tensor]    # updated in place when given
+    running_var: Optional[torch.Tensor]
+    momentum: float
+    eps: float
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The elementwise/reduction ops the fused branch is built from (one backend)."""
+
+    name: str
+    bn_stats: object
+    scale_bias_relu: object
+    scale_bias_add_relu: object
+    relu_bn_backward_reduce: object
+    bn_backward_apply: object
+
+
+REFERENCE_KERNELS = Kernels(
+    "reference", reference.bn_stats, reference.scale_bias_relu,
+    reference.scale_bias_add_relu, reference.relu_bn_backward_reduce,
+    reference.bn_backward_apply)
+
+
+def extension_kernels() -> Kernels:
+    ops = torch.ops.sdkernels
+    return Kernels("extension", ops.bn_stats, ops.scale_bias_relu, ops.scale_bias_add_relu,
+                   ops.relu_bn_backward_reduce, ops.bn_backward_apply)
+
+
+def _fold(mean, invstd, gamma, beta, gate_scale: float):
+    """Per-channel (scale, shift) of BN apply with the gate scale folded in."""
+    scale = invstd if gamma is None else invstd * gamma.to(invstd.dtype)
+    shift = -mean * scale if beta is None else beta.to(invstd.dtype) - mean * scale
+    if gate_scale != 1.0:
+        scale, shift = scale * gate_scale, shift * gate_scale
+    return scale, shift
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored that way (and not also plain contiguous)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv(x, st: ConvBN, w):
+    return _aten.convolution(x, w, None, st.stride, st.padding, st.dilation, False,
+                             (0, 0), st.groups)
+
+
+class _ResidualBranchFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, spec, *params):
+        stages, kernels, gate_scale, fmt = spec
+        k = kernels
+        xc = x.contiguous(memory_format=fmt)
+        res = xc if residual is None else residual.contiguous(memory_format=fmt)
+        ys, stats, h = [], [], xc
+        last = len(stages) - 1
+        for i, st in enumerate(stages):
+            w, gamma, beta = params[3 * i: 3 * i + 3]
+            y = _conv(h, st, w.contiguous(memory_format=fmt) if w.dim() == 4 else w)
+            mean, invstd = k.bn_stats(y, st.running_mean, st.running_var, st.momentum, st.eps)
+            scale, shift = _fold(mean, invstd, gamma, beta, gate_scale if i == last else 1.0)
+            if i == last:
+                h = k.scale_bias_add_relu(y, scale, shift, res)
+            else:
+                h = k.scale_bias_relu(y, scale, shift)
+            ys.append(y)
+            stats += [mean, invstd, scale, shift]
+        out = h if _layout(x) == fmt else h.contiguous(
+            memory_format=_layout(x))
+        ctx.spec = spec
+        ctx.identity = residual is None
+        ctx.residual_meta = None if residual is None else (_layout(residual),)
+        ctx.save_for_backward(x, out, *ys, *stats, *params)
+        ctx.n = len(stages)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        stages, k, gate_scale, fmt = ctx.spec
+        n = ctx.n
+        saved = ctx.saved_tensors
+        x, out = saved[0], saved[1]
+        ys = saved[2: 2 + n]
+        stats = saved[2 + n: 2 + 5 * n]
+        params = saved[2 + 5 * n:]
+        need = ctx.needs_input_grad  # (x, residual, spec, *params)
+        g = grad_out.contiguous(memory_format=fmt)
+        out_c = out.contiguous(memory_format=fmt)
+        last = n - 1
+        want_dy = ctx.identity or need[1]
+        grads_params: list = [None] * (3 * n)
+        act_mask, dy_res, gx = out_c, None, None
+        for i in range(last, -1, -1):
+            st = stages[i]
+            w, gamma, beta = params[3 * i: 3 * i + 3]
+            mean, invstd, scale, shift = stats[4 * i: 4 * i + 4]
+            y = ys[i]
+            s = gate_scale if i == last else 1.0
+            sum_dy, sum_dy_xhat, dy = k.relu_bn_backward_reduce(
+                g, act_mask, y, mean, invstd, want_dy if i == last else False)
+            if i == last:
+                dy_res = dy if want_dy else None
+            eff_w = None if gamma is None else gamma.to(mean.dtype) * s
+            if gamma is None and s != 1.0:
+                eff_w = torch.full_like(mean, s)
+            gy = k.bn_backward_apply(g, act_mask, y, mean, invstd, eff_w, sum_dy, sum_dy_xhat)
+            if gamma is not None and need[3 + 3 * i + 1]:
+                grads_params[3 * i + 1] = (sum_dy_xhat * s).to(gamma.dtype)
+            if beta is not None and need[3 + 3 * i + 2]:
+                grads_params[3 * i + 2] = (sum_dy * s).to(beta.dtype)
+            if i > 0:
+                pm, pi, psc, psh = stats[4 * (i - 1): 4 * i]
+                h_in = k.scale_bias_relu(ys[i - 1], psc, psh)
+            else:
+                h_in = x.contiguous(memory_format=fmt)
+            want_in = i > 0 or need[0]
+            wc = w.contiguous(memory_format=fmt)
+            gh, gw, _ = _aten.convolution_backward(
+                gy, h_in, wc, None, st.stride, st.padding, st.dilation, False, (0, 0),
+                st.groups, [want_in, bool(need[3 + 3 * i]), False])
+            grads_params[3 * i] = gw
+            if i > 0:
+                g, act_mask = gh, h_in
+            else:
+                gx = gh
+        grad_res = None
+        if ctx.identity:
+            if gx is None:
+                gx = dy_res
+            else:
+                gx = gx.add_(dy_res)
+        elif need[1]:
+            grad_res = dy_res
+        return (gx, grad_res, None, *grads_params)
+
+
+def residual_branch_train(x: torch.Tensor, residual: Optional[torch.Tensor],
+                          stages: Sequence[ConvBN], gate_scale: float,
+                          kernels: Kernels) -> torch.Tensor:
+    """relu(residual + gate_scale * branch(x)) in training mode, fused and recomputing.
+
+    ``residual=None`` means the identity shortcut (residual is ``x`` itself): its
+    gradient is added to the input gradient without another pass. ``stages`` are the
+    conv+BN stages of the branch in order (BasicBlock: 2, Bottleneck: 3); every stage
+    but the last is followed by a ReLU, the last by the residual add and the ReLU.
+    Under autocast the convolutions run in the autocast dtype, as eager would.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"residual_branch_train: expected a 4-D input, got {x.dim()}-D")
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+        x = x.to(cdt)
+        residual = None if residual is None else residual.to(cdt)
+        ws = [st.weight.to(cdt) for st in stages]
+    else:
+        if residual is not None and residual.dtype != x.dtype:
+            residual = residual.to(x.dtype)
+        ws = [st.weight for st in stages]
+    params = []
+    for st, w in zip(stages, ws):
+        params += [w, st.bn_weight, st.bn_bias]
+    spec = (tuple(stages), kernels, float(gate_scale), torch.channels_last)
+    with torch.autocast(dev, enabled=False):
+        return _ResidualBranchFn.apply(x, residual, spec, *params)
