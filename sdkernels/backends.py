@@ -4,7 +4,10 @@ Backends, in order of preference for the automatic choice:
 
 ``extension``  the compiled ops in ``sdkernels._C`` (``torch.ops.sdkernels.*``), CPU
                always, CUDA when the package was built with the CUDA toolkit.
-``triton``     Triton kernels for CUDA devices (none ship in this version yet).
+``triton``     Triton implicit-GEMM convolutions with fused prologues/epilogues on CUDA
+               (on CPU only under ``TRITON_INTERPRET=1``, for tests), plus the
+               extension's ops for backward. Never chosen automatically: it has not been
+               measured to win anywhere yet; ask for it with ``use_backend("triton")``.
 ``reference``  plain PyTorch (``sdkernels.ops.reference``): always available.
 
 The choice is made per device. A forced backend (:func:`use_backend`) that cannot run on
@@ -48,11 +51,17 @@ def _extension_status(device_type: str) -> tuple[bool, str]:
 
 
 def _triton_status(device_type: str) -> tuple[bool, str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed"
-    return False, "this version of sdkernels ships no Triton kernels yet"
+    # Triton runs the convolutions; backward and the elementwise tails stay on the
+    # compiled extension, so both are needed.
+    from .ops import triton as tri
+
+    why = tri.unavailable_reason(device_type)
+    if why is not None:
+        return False, why
+    ok, ext_why = _extension_status(device_type)
+    if not ok:
+        return False, f"the Triton backend also needs the compiled extension ({ext_why})"
+    return True, ""
 
 
 _status_cache: dict[tuple[str, str], tuple[bool, str]] = {}
@@ -92,7 +101,7 @@ def resolve_backend(device: torch.device | str) -> str:
 
 
 def _choose(device_type: str) -> str:
-    for name in ("extension", "triton"):
+    for name in ("extension",):
         if _status(name, device_type)[0]:
             return name
     why = _extension_status(device_type)[1]
@@ -143,9 +152,10 @@ class BackendInfo:
                      + (f" (forced: {self.forced})" if self.forced else ""))
         if self.extension_path:
             lines.append(f"  extension: {self.extension_path}")
-        lines.append("  note: the extension fuses the eval tail of every block (BN, p_l, "
-                     "residual add, ReLU in one pass); training tails run ATen's ops, "
-                     "which measured faster on CPU until BN backward is fused too")
+        lines.append("  note: on extension/triton an active block trains as one fused, "
+                     "recomputing function (convolutions via ATen, BN/ReLU/residual via "
+                     "sdkernels ops) and evaluates with BN and p_l folded into cached "
+                     "convolution weights; the reference backend runs the modules")
         lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()))
         return "\n".join(lines)
 

@@ -27,9 +27,10 @@ def test_unknown_and_unavailable_backends_are_clear_errors():
     with pytest.raises(ValueError, match="unknown sdkernels backend"):
         with sdkernels.use_backend("cudnn"):
             pass
-    with pytest.raises(sdkernels.BackendUnavailableError, match="triton"):
-        with sdkernels.use_backend("triton"):
-            pass
+    if not any(backends._status("triton", d)[0] for d in ("cpu", "cuda")):
+        with pytest.raises(sdkernels.BackendUnavailableError, match="triton"):
+            with sdkernels.use_backend("triton"):
+                pass
     if not sdkernels.ops.extension.is_available():
         with pytest.raises(sdkernels.BackendUnavailableError, match="extension"):
             with sdkernels.use_backend("extension"):
@@ -57,3 +58,24 @@ def test_extension_loaded_when_required():
         pytest.skip("SDKERNELS_REQUIRE_EXTENSION not set")
     ext = sdkernels.ops.extension
     assert ext.is_available(), ext.unavailable_reason()
+
+
+def test_triton_backend_status_says_why(monkeypatch):
+    # On CPU the Triton kernels run only under the interpreter.
+    monkeypatch.setattr(backends, "_status_cache", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, why = backends._status("triton", "cpu")
+    assert not ok and why
+    monkeypatch.setattr(backends, "_status_cache", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ok, why = backends._status("triton", "cpu")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        assert not ok and "triton" in why
+        return
+    assert ok == sdkernels.ops.extension.is_available(), why
+
+
+def test_triton_never_chosen_automatically():
+    assert sdkernels.backend_info().active["cpu"] != "triton"

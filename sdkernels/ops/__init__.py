@@ -62,6 +62,7 @@ def residual_branch_train(x, residual, stages, gate_scale: float, *, backend: st
     function on the pure-PyTorch versions of the ops (for tests).
     """
     backend = backend or resolve_backend(x.device)
-    kernels = (fused_block.REFERENCE_KERNELS if backend == "reference"
-               else fused_block.extension_kernels())
+    kernels = {"reference": lambda: fused_block.REFERENCE_KERNELS,
+               "extension": fused_block.extension_kernels,
+               "triton": fused_block.triton_kernels}[backend]()
     return fused_block.residual_branch_train(x, residual, stages, gate_scale, kernels)

@@ -22,6 +22,10 @@ Layout: 4-D inputs are computed in channels_last internally (oneDNN's and cuDNN'
 layout); the output keeps the input's layout. Gradients for the input come back in
 channels_last, which autograd accepts and the previous block consumes as is.
 
+With the Triton kernels (``triton_kernels``) each convolution also emits its output's
+BN statistics from its epilogue and applies the previous stage's scale-bias-ReLU while
+loading its input, so a_i is never written in forward (DESIGN 5); backward is the same.
+
 Limits: plain BatchNorm in training mode (batch statistics), convolutions without bias;
 anything else goes through the module path in ``sdkernels.blocks``. Under
 ``torch.compile`` the blocks use the ATen path instead, which Inductor fuses itself.
@@ -36,7 +40,8 @@ import torch
 
 from . import reference
 
-__all__ = ["ConvBN", "Kernels", "REFERENCE_KERNELS", "extension_kernels", "residual_branch_train"]
+__all__ = ["ConvBN", "Kernels", "REFERENCE_KERNELS", "extension_kernels", "triton_kernels",
+           "residual_branch_train"]
 
 _aten = torch.ops.aten
 
@@ -68,6 +73,10 @@ class Kernels:
     scale_bias_add_relu: object
     relu_bn_backward_reduce: object
     bn_backward_apply: object
+    # Optional conv with BN statistics in its epilogue and the previous stage's
+    # scale-bias-ReLU in its prologue (Triton): (x, w, stride, padding, prologue) ->
+    # (y, mean, biased var). When set, the forward never writes the activations a_i.
+    conv_bn_stats: object = None
 
 
 REFERENCE_KERNELS = Kernels(
@@ -80,6 +89,29 @@ def extension_kernels() -> Kernels:
     ops = torch.ops.sdkernels
     return Kernels("extension", ops.bn_stats, ops.scale_bias_relu, ops.scale_bias_add_relu,
                    ops.relu_bn_backward_reduce, ops.bn_backward_apply)
+
+
+def triton_kernels() -> Kernels:
+    from . import triton as tri
+    ext = extension_kernels()
+    return Kernels("triton", ext.bn_stats, ext.scale_bias_relu, ext.scale_bias_add_relu,
+                   ext.relu_bn_backward_reduce, ext.bn_backward_apply, tri.conv_bn_stats)
+
+
+def _finalize_stats(y, mean, var, st: ConvBN):
+    """invstd from the epilogue's statistics, and the running-stat update BN would do."""
+    m = y.numel() // y.shape[1]
+    invstd = torch.rsqrt(var + st.eps)
+    if st.running_mean is not None and m > 0:
+        unbiased = var * (m / (m - 1)) if m > 1 else var
+        st.running_mean.mul_(1 - st.momentum).add_(mean.to(st.running_mean.dtype), alpha=st.momentum)
+        st.running_var.mul_(1 - st.momentum).add_(unbiased.to(st.running_var.dtype), alpha=st.momentum)
+    return mean, invstd
+
+
+def _triton_stage_ok(st: ConvBN, w) -> bool:
+    return (st.groups == 1 and tuple(st.dilation) == (1, 1) and w.dim() == 4
+            and w.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
 def _fold(mean, invstd, gamma, beta, gate_scale: float):
@@ -112,13 +144,26 @@ class _ResidualBranchFn(torch.autograd.Function):
         res = xc if residual is None else residual.contiguous(memory_format=fmt)
         ys, stats, h = [], [], xc
         last = len(stages) - 1
+        pending = None  # (y, scale, shift) whose ReLU the next conv applies in its prologue
         for i, st in enumerate(stages):
             w, gamma, beta = params[3 * i: 3 * i + 3]
-            y = _conv(h, st, w.contiguous(memory_format=fmt) if w.dim() == 4 else w)
-            mean, invstd = k.bn_stats(y, st.running_mean, st.running_var, st.momentum, st.eps)
+            wc = w.contiguous(memory_format=fmt) if w.dim() == 4 else w
+            if k.conv_bn_stats is not None and _triton_stage_ok(st, wc):
+                src, pro = (xc, None) if pending is None else (pending[0], pending[1:])
+                y, mean, var = k.conv_bn_stats(src, wc, st.stride, st.padding, pro)
+                mean, invstd = _finalize_stats(y, mean, var, st)
+            else:
+                if pending is not None:
+                    h = k.scale_bias_relu(*pending)
+                y = _conv(h, st, wc)
+                mean, invstd = k.bn_stats(y, st.running_mean, st.running_var, st.momentum,
+                                          st.eps)
+            pending = None
             scale, shift = _fold(mean, invstd, gamma, beta, gate_scale if i == last else 1.0)
             if i == last:
                 h = k.scale_bias_add_relu(y, scale, shift, res)
+            elif k.conv_bn_stats is not None:
+                pending = (y, scale, shift)
             else:
                 h = k.scale_bias_relu(y, scale, shift)
             ys.append(y)
