@@ -120,8 +120,8 @@ def test_block_uses_fused_path_and_matches(backend, mode):
     block = _block("basic", "optionA", mode=mode, survival_prob=0.5)
     ref = copy.deepcopy(block)
     if mode == "row":  # same seed: the same rows survive in both (a mix, for this seed)
-        block.gate_generator, ref.gate_generator = GateGenerator(seed=3), GateGenerator(seed=3)
-        keep = GateGenerator(seed=3).rows(0.5, 6)
+        block.gate_generator, ref.gate_generator = GateGenerator(seed=0), GateGenerator(seed=0)
+        keep = GateGenerator(seed=0).rows(0.5, 6)
         assert 0 < int(keep.sum()) < 6
     else:
         block.gate_generator, ref.gate_generator = FixedGates(True), FixedGates(True)
@@ -175,7 +175,7 @@ def test_low_precision_error_at_most_twice_eager(dtype):
 
     def run(backend, dt):
         b = copy.deepcopy(block64).to(dt)
-        x = x64.to(dt).requires_grad_()
+        x = x64.to(dt).clone().requires_grad_()
         with sdkernels.use_backend(backend):
             y = b(x)
         y.backward(g64.to(dt))

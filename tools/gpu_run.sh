@@ -15,7 +15,11 @@ status=0
 python3 -m pip install --no-build-isolation --no-deps . > "$out/build.log" 2>&1 || { echo "build failed: see $out/build.log"; tail -30 "$out/build.log"; exit 1; }
 (cd / && python3 -c "import sdkernels; print(sdkernels.backend_info())") | tee -a "$out/env.txt"
 pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || status=1
+# The GPU must-shows of the fused extension (issue 5) and the Triton kernels (issue 6).
+pytest benchmarks/test_fused_targets.py benchmarks/test_triton_gpu.py --benchmark-only -s \
+  -p no:cacheprovider --benchmark-json "$out/targets.json" 2>&1 | tee "$out/targets.log" || status=1
 pytest benchmarks --benchmark-only -m "not slow" -q -p no:cacheprovider \
+  --ignore benchmarks/test_fused_targets.py --ignore benchmarks/test_triton_gpu.py \
   --benchmark-json "$out/benchmarks.json" 2>&1 | tee "$out/benchmarks.log" || status=1
 (cd / && python3 -m sdkernels.bench --device cuda --out "$out/bench") 2>&1 | tee "$out/bench.log" || status=1
 exit $status
