@@ -120,6 +120,17 @@ def _fusable_bn(m) -> bool:
     return type(m) is nn.BatchNorm2d and m.training
 
 
+def _has_hooks(modules) -> bool:
+    """Hooks on the branch's modules (or global ones) must run: the fused paths call no
+    submodule, so with hooks present the block runs its modules instead."""
+    from torch.nn.modules import module as _m
+    if (_m._global_forward_hooks or _m._global_forward_pre_hooks
+            or _m._global_backward_hooks or _m._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or m._backward_pre_hooks for m in modules)
+
+
 class StochasticDepthBlock(nn.Module):
     """Base of the stochastic-depth residual blocks.
 
@@ -255,6 +266,8 @@ class StochasticDepthBlock(nn.Module):
             return None
         stages = self._conv_bn_stages()
         if not all(_fusable_conv(c) for c, _ in stages):
+            return None
+        if _has_hooks([m for st in stages for m in st]):
             return None
         if self.training:
             if not all(_fusable_bn(b) for _, b in stages):

@@ -241,3 +241,20 @@ def test_non_plain_modules_use_module_path():
     block = _block("basic", "identity")
     block.bn1 = nn.GroupNorm(2, 8).double()
     assert block._fused_path(torch.rand(2, 8, 4, 4, dtype=torch.float64)) is None
+
+
+def test_hooks_on_branch_modules_force_the_module_path():
+    block = _block("basic", "identity")
+    x = torch.rand(2, 8, 4, 4, dtype=torch.float64)
+    if HAVE_EXT:
+        with sdkernels.use_backend("extension"):
+            assert block._fused_path(x) is not None
+    seen = []
+    h = block.conv2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert block._fused_path(x) is None
+    h.remove()
+    h = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert block._fused_path(x) is None
+    finally:
+        h.remove()
