@@ -3,25 +3,15 @@
 // scale_bias_add_relu_kernel.cu (no torch headers). Only compiled when CUDA is built.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+#include <tuple>
 #include <type_traits>
 
+#include "cuda/host_utils.h"
 #include "cuda/scale_bias_add_relu_kernel.cuh"
-
-// Checks the cudaError_t a launcher returns (it reports cudaGetLastError()).
-#define SDKERNELS_CUDA_CHECK(op, expr)                                              \
-  do {                                                                              \
-    const cudaError_t sdk_err_ = (expr);                                            \
-    TORCH_CHECK(sdk_err_ == cudaSuccess, op, ": CUDA kernel launch failed: ",       \
-                cudaGetErrorString(sdk_err_));                                      \
-  } while (0)
 
 namespace sdkernels {
 
@@ -37,50 +27,16 @@ namespace {
 constexpr const char* kFwdName = "sdkernels::scale_bias_add_relu";
 constexpr const char* kBwdName = "sdkernels::scale_bias_add_relu_backward";
 
-// at:: scalar type -> the CUDA type the launchers are instantiated for.
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-struct Geometry {
-  int64_t numel = 0;
-  int64_t C = 0;
-  int64_t inner = 1;  // prod(shape[2:])
-  bool channels_last = false;  // memory is [N * inner, C]
-  at::MemoryFormat format = at::MemoryFormat::Contiguous;
-};
-
-Geometry geometry_of(const at::Tensor& x) {
-  Geometry g;
-  g.numel = x.numel();
-  g.C = x.size(1);
-  for (int64_t d = 2; d < x.dim(); ++d) g.inner *= x.size(d);
-  g.format = x.suggest_memory_format();
-  g.channels_last = g.format != at::MemoryFormat::Contiguous;
-  return g;
-}
-
-template <typename T>
-const typename CudaType<T>::type* cptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename CudaType<T>::type*>(t.const_data_ptr<T>());
-}
-template <typename T>
-typename CudaType<T>::type* mptr(at::Tensor& t) {
-  return reinterpret_cast<typename CudaType<T>::type*>(t.mutable_data_ptr<T>());
-}
+using cuda_host::cptr;
+using cuda_host::CudaType;
+using cuda_host::Geometry;
+using cuda_host::geometry_of;
+using cuda_host::mptr;
 
 at::Tensor scale_bias_add_relu_cuda(const at::Tensor& x, const at::Tensor& scale,
                                     const at::Tensor& bias, const at::Tensor& residual) {
   check_scale_bias_add_relu_inputs(x, scale, bias, residual);
+  cuda_host::check_on_cuda(kFwdName, "x", x);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const Geometry g = geometry_of(x);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(g.format));
@@ -116,6 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scale_bias_add_relu_b
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x,
     const at::Tensor& scale) {
   check_scale_bias_add_relu_backward_inputs(grad_out, out, x, scale);
+  cuda_host::check_on_cuda(kBwdName, "x", x);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const Geometry g = geometry_of(x);
   const auto opts = x.options().memory_format(g.format);

@@ -1,10 +1,15 @@
-// CUDA kernels of sdkernels::scale_bias_add_relu. No torch headers (see the .cuh).
-// Simple and obviously correct first: grid-stride elementwise kernels, and a
+// CUDA kernels of sdkernels::scale_bias_add_relu and scale_bias_relu. No torch headers
+// (see the .cuh).
+// Forward (both ops, one kernel with a kHasResidual flag): the layout-aware vectorised
+// elementwise driver of channel_kernels.cuh (16-byte accesses, per-channel scale/bias in
+// registers for channels_last). Backward: grid-stride elementwise kernels and a
 // deterministic per-channel reduction (grid (C, splits), fixed-order tree in shared
-// memory, partials summed by the host). Layout-aware tuning comes later.
+// memory, partials summed by the host).
 #include "scale_bias_add_relu_kernel.cuh"
 
 #include <algorithm>
+
+#include "channel_kernels.cuh"
 
 namespace sdkernels {
 namespace cuda {
@@ -15,33 +20,18 @@ constexpr int kReduceThreads = 256;    // power of two (tree reduction)
 constexpr int64_t kMaxBlocks = 1 << 16;
 constexpr int64_t kMaxSplits = 128;
 constexpr int64_t kElemsPerReduceThread = 16;
+constexpr int kForwardUnroll = 4;
 
-template <typename T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-
+using detail::OpMath;
+using detail::Vec;
 // Explicit conversions (nvcc flags disable the implicit __half/__nv_bfloat16 ones).
-__device__ __forceinline__ float to_opmath(float v) { return v; }
-__device__ __forceinline__ double to_opmath(double v) { return v; }
-__device__ __forceinline__ float to_opmath(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_opmath(__nv_bfloat16 v) { return __bfloat162float(v); }
-
+__device__ __forceinline__ float to_opmath(float v) { return detail::to_acc(v); }
+__device__ __forceinline__ double to_opmath(double v) { return detail::to_acc(v); }
+__device__ __forceinline__ float to_opmath(__half v) { return detail::to_acc(v); }
+__device__ __forceinline__ float to_opmath(__nv_bfloat16 v) { return detail::to_acc(v); }
 template <typename T>
-__device__ __forceinline__ T from_opmath(typename OpMath<T>::type v);
-template <>
-__device__ __forceinline__ float from_opmath<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double from_opmath<double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half from_opmath<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_opmath<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
+__device__ __forceinline__ T from_opmath(typename OpMath<T>::type v) {
+  return detail::from_acc<T>(v);
 }
 
 __device__ __forceinline__ int64_t channel_of(int64_t i, int64_t C, int64_t inner,
@@ -53,22 +43,70 @@ int64_t elementwise_blocks(int64_t numel) {
   return std::max<int64_t>(1, std::min<int64_t>((numel + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-template <typename scalar_t, typename param_t>
-__global__ void scale_bias_add_relu_forward_kernel(
-    const scalar_t* __restrict__ x, const param_t* __restrict__ scale,
-    const param_t* __restrict__ bias, const scalar_t* __restrict__ residual,
-    scalar_t* __restrict__ out, int64_t numel, int64_t C, int64_t inner, bool channels_last) {
+// out = relu(x * scale[c] + bias[c] (+ residual)), math in acc_t.
+template <typename scalar_t, typename param_t, int V, bool kHasResidual>
+struct ScaleBiasReluOp {
   using acc_t = typename OpMath<scalar_t>::type;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += stride) {
-    const int64_t c = channel_of(i, C, inner, channels_last);
-    const acc_t s = static_cast<acc_t>(to_opmath(scale[c]));
-    const acc_t b = static_cast<acc_t>(to_opmath(bias[c]));
-    const acc_t v = to_opmath(x[i]) * s + b + to_opmath(residual[i]);
-    // `v < 0 ? 0 : v` keeps NaN, like torch.relu.
-    out[i] = from_opmath<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
+  struct Chan {
+    acc_t s, b;
+  };
+  struct Loaded {
+    Vec<scalar_t, V> x;
+    Vec<scalar_t, V> r;
+  };
+  const scalar_t* x;
+  const param_t* scale;
+  const param_t* bias;
+  const scalar_t* residual;  // null unless kHasResidual
+  scalar_t* out;
+
+  __device__ __forceinline__ Chan channel(int64_t c) const {
+    return Chan{static_cast<acc_t>(to_opmath(scale[c])), static_cast<acc_t>(to_opmath(bias[c]))};
   }
+  __device__ __forceinline__ Loaded load(int64_t i) const {
+    Loaded in;
+    in.x = detail::load_vec<scalar_t, V>(x + i);
+    if constexpr (kHasResidual) in.r = detail::load_vec<scalar_t, V>(residual + i);
+    return in;
+  }
+  template <int NC>
+  __device__ __forceinline__ void store(int64_t i, const Loaded& in, const Chan* ch) const {
+    Vec<scalar_t, V> o;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const Chan& cc = ch[NC == 1 ? 0 : v];
+      acc_t y = to_opmath(in.x.v[v]) * cc.s + cc.b;
+      if constexpr (kHasResidual) y = y + to_opmath(in.r.v[v]);
+      // `y < 0 ? 0 : y` keeps NaN, like torch.relu.
+      o.v[v] = from_opmath<scalar_t>(y < acc_t(0) ? acc_t(0) : y);
+    }
+    detail::store_vec<scalar_t, V>(out + i, o);
+  }
+};
+
+template <typename scalar_t, typename param_t, bool kHasResidual>
+cudaError_t run_scale_bias_relu_forward(const scalar_t* x, const param_t* scale,
+                                        const param_t* bias, const scalar_t* residual,
+                                        scalar_t* out, int64_t numel, int64_t C,
+                                        int64_t inner, bool channels_last,
+                                        cudaStream_t stream) {
+  if (numel <= 0) return cudaSuccess;
+  if (x == nullptr || scale == nullptr || bias == nullptr || out == nullptr ||
+      (kHasResidual && residual == nullptr))
+    return cudaErrorInvalidValue;
+  constexpr int VM = detail::max_vec<scalar_t>();
+  const bool aligned = detail::aligned16(x) && detail::aligned16(residual) &&
+                       detail::aligned16(out);
+  if (VM > 1 &&
+      detail::vec_width(sizeof(scalar_t), C, inner, channels_last, aligned) == VM) {
+    const ScaleBiasReluOp<scalar_t, param_t, VM, kHasResidual> op{x, scale, bias, residual,
+                                                                  out};
+    return detail::launch_elementwise<VM, kForwardUnroll>(op, numel, C, inner, channels_last,
+                                                          stream);
+  }
+  const ScaleBiasReluOp<scalar_t, param_t, 1, kHasResidual> op{x, scale, bias, residual, out};
+  return detail::launch_elementwise<1, kForwardUnroll>(op, numel, C, inner, channels_last,
+                                                       stream);
 }
 
 template <typename scalar_t, typename param_t>
@@ -138,11 +176,17 @@ cudaError_t launch_scale_bias_add_relu_forward(
     const scalar_t* x, const param_t* scale, const param_t* bias, const scalar_t* residual,
     scalar_t* out, int64_t numel, int64_t C, int64_t inner, bool channels_last,
     cudaStream_t stream) {
-  if (numel <= 0) return cudaSuccess;
-  scale_bias_add_relu_forward_kernel<scalar_t, param_t>
-      <<<static_cast<unsigned int>(elementwise_blocks(numel)), kThreads, 0, stream>>>(
-          x, scale, bias, residual, out, numel, C, inner, channels_last);
-  return cudaGetLastError();
+  return run_scale_bias_relu_forward<scalar_t, param_t, true>(
+      x, scale, bias, residual, out, numel, C, inner, channels_last, stream);
+}
+
+template <typename scalar_t, typename param_t>
+cudaError_t launch_scale_bias_relu_forward(const scalar_t* x, const param_t* scale,
+                                           const param_t* bias, scalar_t* out, int64_t numel,
+                                           int64_t C, int64_t inner, bool channels_last,
+                                           cudaStream_t stream) {
+  return run_scale_bias_relu_forward<scalar_t, param_t, false>(
+      x, scale, bias, nullptr, out, numel, C, inner, channels_last, stream);
 }
 
 template <typename scalar_t, typename param_t>
@@ -185,6 +229,8 @@ cudaError_t launch_scale_bias_add_relu_backward_reduce(
   template cudaError_t launch_scale_bias_add_relu_forward<T, P>(                          \
       const T*, const P*, const P*, const T*, T*, int64_t, int64_t, int64_t, bool,        \
       cudaStream_t);                                                                      \
+  template cudaError_t launch_scale_bias_relu_forward<T, P>(                              \
+      const T*, const P*, const P*, T*, int64_t, int64_t, int64_t, bool, cudaStream_t);   \
   template cudaError_t launch_scale_bias_add_relu_backward_elementwise<T, P>(             \
       const T*, const T*, const P*, T*, T*, int64_t, int64_t, int64_t, bool, cudaStream_t);
 

@@ -1,11 +1,15 @@
-// Device-side launchers of sdkernels::scale_bias_add_relu (forward and backward).
+// Device-side launchers of sdkernels::scale_bias_add_relu (forward and backward) and of
+// sdkernels::scale_bias_relu's forward (the same kernel without the residual).
 //
 // No torch headers here: this header and scale_bias_add_relu_kernel.cu compile with a
 // bare nvcc (CI has a CPU torch and no GPU). The torch-facing host code lives in
 // scale_bias_add_relu_cuda.cpp. All pointers are to dense tensors in one of two layouts:
 //   channels_last == false: [N, C, inner] contiguous, channel of flat index i = (i / inner) % C
 //   channels_last == true:  [N * inner, C] contiguous, channel of flat index i = i % C
-// Launchers return the result of cudaGetLastError() after their launches.
+// Launchers return the result of cudaGetLastError() after their launches. The forward
+// launchers use 16-byte vector accesses when the contiguous run (C for channels_last,
+// inner otherwise) is a multiple of 16 / sizeof(scalar_t) and the pointers are 16-byte
+// aligned (see channel_kernels.cuh).
 #pragma once
 
 #include <cstdint>
@@ -27,6 +31,14 @@ cudaError_t launch_scale_bias_add_relu_forward(
     const scalar_t* x, const param_t* scale, const param_t* bias, const scalar_t* residual,
     scalar_t* out, int64_t numel, int64_t C, int64_t inner, bool channels_last,
     cudaStream_t stream);
+
+// out = relu(x * scale[c] + bias[c]) (sdkernels::scale_bias_relu): the same kernel as
+// above without the residual. Same instantiations.
+template <typename scalar_t, typename param_t>
+cudaError_t launch_scale_bias_relu_forward(const scalar_t* x, const param_t* scale,
+                                           const param_t* bias, scalar_t* out, int64_t numel,
+                                           int64_t C, int64_t inner, bool channels_last,
+                                           cudaStream_t stream);
 
 // g = out > 0 ? grad_out : 0; grad_residual = g; grad_x = g * scale[c].
 template <typename scalar_t, typename param_t>
