@@ -9,7 +9,12 @@ When the library cannot be loaded (not built, built against another torch, ...) 
 is registered, ``is_available()`` is False and ``unavailable_reason()`` says why; the
 import of ``sdkernels`` itself never fails because of it.
 
-Double backward is not supported: the backward op has an autograd formula that raises.
+Autograd: scale_bias_add_relu and scale_bias_relu are differentiable (first order; the
+backward op has a formula that raises, so double backward is a clear error). The
+training-BN ops bn_stats, relu_bn_backward_reduce and bn_backward_apply are building
+blocks of a hand-written backward and are not differentiable: they run with inputs that
+require grad, but backpropagating through them raises (their Autograd kernel is
+registered in C++, see csrc/cpu/batch_norm.cpp).
 """
 from __future__ import annotations
 
@@ -25,10 +30,18 @@ __all__ = [
     "library_path",
     "scale_bias_add_relu",
     "scale_bias_add_relu_backward",
+    "bn_stats",
+    "scale_bias_relu",
+    "relu_bn_backward_reduce",
+    "bn_backward_apply",
 ]
 
 _FWD = "sdkernels::scale_bias_add_relu"
 _BWD = "sdkernels::scale_bias_add_relu_backward"
+_STATS = "sdkernels::bn_stats"
+_SBR = "sdkernels::scale_bias_relu"
+_REDUCE = "sdkernels::relu_bn_backward_reduce"
+_APPLY = "sdkernels::bn_backward_apply"
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
                 torch.float16: "Half", torch.int32: "Int", torch.int64: "Long",
@@ -89,6 +102,48 @@ def scale_bias_add_relu_backward(grad_out: torch.Tensor, out: torch.Tensor,
     return torch.ops.sdkernels.scale_bias_add_relu_backward(grad_out, out, x, scale)
 
 
+def bn_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor],
+             running_var: Optional[torch.Tensor], momentum: float, eps: float):
+    """(mean, invstd) of x [N, C, *] per channel; updates the running statistics in place.
+
+    As ``F.batch_norm(training=True)``: biased variance for invstd, unbiased for
+    running_var. Statistics are float32 (float64 for float64 x). Not differentiable.
+    """
+    _require()
+    return torch.ops.sdkernels.bn_stats(x, running_mean, running_var, momentum, eps)
+
+
+def scale_bias_relu(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """relu(x * scale[c] + bias[c]) (compiled op); differentiable in x, scale and bias."""
+    _require()
+    return torch.ops.sdkernels.scale_bias_relu(x, scale, bias)
+
+
+def relu_bn_backward_reduce(grad_out: torch.Tensor, out: Optional[torch.Tensor],
+                            y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                            want_dy: bool):
+    """(sum_dy, sum_dy_xhat, dy or an empty tensor): BN-backward sums behind a ReLU.
+
+    dy = grad_out where out > 0 (all of grad_out when out is None). Not differentiable.
+    """
+    _require()
+    return torch.ops.sdkernels.relu_bn_backward_reduce(grad_out, out, y, mean, invstd,
+                                                       want_dy)
+
+
+def bn_backward_apply(grad_out: torch.Tensor, out: Optional[torch.Tensor], y: torch.Tensor,
+                      mean: torch.Tensor, invstd: torch.Tensor,
+                      weight: Optional[torch.Tensor], sum_dy: torch.Tensor,
+                      sum_dy_xhat: torch.Tensor) -> torch.Tensor:
+    """grad_y = weight * invstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M).
+
+    Not differentiable.
+    """
+    _require()
+    return torch.ops.sdkernels.bn_backward_apply(grad_out, out, y, mean, invstd, weight,
+                                                 sum_dy, sum_dy_xhat)
+
+
 # ---------------------------------------------------------------------------------------
 # Shape/dtype checks of the fake kernels: the same conditions and messages as the C++
 # checks (csrc/sdkernels.cpp), so traced code fails the way eager code does.
@@ -134,6 +189,27 @@ def _check_per_channel(op: str, name: str, v: torch.Tensor, x: torch.Tensor) -> 
     _check(v.dtype == x.dtype or v.dtype == torch.float32, op,
            lambda: f"expected {name} to have x's dtype ({_dtype_name(x.dtype)}) or "
                    f"float32, got {_dtype_name(v.dtype)}")
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_stat(op: str, name: str, v: torch.Tensor, x: torch.Tensor) -> None:
+    _check_per_channel(op, name, v, x)
+    want = _stats_dtype(x)
+    _check(v.dtype == want, op,
+           lambda: f"expected {name} to be {_dtype_name(want)} (the statistics dtype for "
+                   f"{_dtype_name(x.dtype)} x), got {_dtype_name(v.dtype)}")
+
+
+def _check_scale_bias(op: str, scale: torch.Tensor, bias: torch.Tensor,
+                      x: torch.Tensor) -> None:
+    _check_per_channel(op, "scale", scale, x)
+    _check_per_channel(op, "bias", bias, x)
+    _check(bias.dtype == scale.dtype, op,
+           lambda: "expected scale and bias to have the same dtype, got "
+                   f"{_dtype_name(scale.dtype)} and {_dtype_name(bias.dtype)}")
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -194,6 +270,81 @@ def _register() -> None:
 
     torch.library.register_autograd(_BWD, _no_double_backward,
                                     setup_context=_setup_backward_context)
+
+    _register_bn_ops()
+
+
+def _register_bn_ops() -> None:
+    """Fake kernels and autograd of bn_stats, scale_bias_relu and the BN-backward ops."""
+
+    @torch.library.register_fake(_STATS)
+    def _bn_stats_fake(x, running_mean, running_var, momentum, eps):
+        _check_x(_STATS, x)
+        _check((running_mean is None) == (running_var is None), _STATS,
+               lambda: "expected running_mean and running_var to be both given or both None")
+        if running_mean is not None:
+            _check_per_channel(_STATS, "running_mean", running_mean, x)
+            _check_per_channel(_STATS, "running_var", running_var, x)
+            _check(running_mean.is_contiguous() and running_var.is_contiguous(), _STATS,
+                   lambda: "expected contiguous running_mean and running_var (updated in "
+                           "place)")
+        _check(0.0 <= momentum <= 1.0, _STATS,
+               lambda: f"expected momentum in [0, 1], got {momentum:g}")
+        _check(eps > 0.0, _STATS, lambda: f"expected eps > 0, got {eps:g}")
+        c = x.shape[1]
+        dt = _stats_dtype(x)
+        return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
+
+    @torch.library.register_fake(_SBR)
+    def _scale_bias_relu_fake(x, scale, bias):
+        _check_x(_SBR, x)
+        _check_scale_bias(_SBR, scale, bias, x)
+        return torch.empty_like(x, memory_format=_memory_format(x))
+
+    def _check_backward_inputs(op, grad_out, out, y, mean, invstd):
+        _check_x(op, y)
+        _check_like_x(op, "grad_out", grad_out, y)
+        if out is not None:
+            _check_like_x(op, "out", out, y)
+        _check_stat(op, "mean", mean, y)
+        _check_stat(op, "invstd", invstd, y)
+
+    @torch.library.register_fake(_REDUCE)
+    def _relu_bn_backward_reduce_fake(grad_out, out, y, mean, invstd, want_dy):
+        _check_backward_inputs(_REDUCE, grad_out, out, y, mean, invstd)
+        c = y.shape[1]
+        dy = (torch.empty_like(y, memory_format=_memory_format(y)) if want_dy
+              else y.new_empty((0,)))
+        return mean.new_empty((c,)), mean.new_empty((c,)), dy
+
+    @torch.library.register_fake(_APPLY)
+    def _bn_backward_apply_fake(grad_out, out, y, mean, invstd, weight, sum_dy,
+                                sum_dy_xhat):
+        _check_backward_inputs(_APPLY, grad_out, out, y, mean, invstd)
+        if weight is not None:
+            _check_stat(_APPLY, "weight", weight, y)
+        _check_stat(_APPLY, "sum_dy", sum_dy, y)
+        _check_stat(_APPLY, "sum_dy_xhat", sum_dy_xhat, y)
+        return torch.empty_like(y, memory_format=_memory_format(y))
+
+    # scale_bias_relu: the gradient is scale_bias_add_relu's without grad_residual.
+    def _sbr_setup_context(ctx, inputs, output):
+        x, scale, bias = inputs
+        ctx.save_for_backward(output, x, scale)
+
+    def _sbr_backward(ctx, grad):
+        out, x, scale = ctx.saved_tensors
+        grad_x, grad_scale, grad_bias, _ = (
+            torch.ops.sdkernels.scale_bias_add_relu_backward(grad, out, x, scale))
+        need = ctx.needs_input_grad
+        return (grad_x if need[0] else None,
+                grad_scale if need[1] else None,
+                grad_bias if need[2] else None)
+
+    torch.library.register_autograd(_SBR, _sbr_backward, setup_context=_sbr_setup_context)
+
+    # bn_stats, relu_bn_backward_reduce and bn_backward_apply get their (raising)
+    # Autograd kernel in C++ (csrc/cpu/batch_norm.cpp): no Python cost per call.
 
 
 if _C is not None and not getattr(_C, "_sdkernels_python_registered", False):
