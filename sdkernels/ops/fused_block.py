@@ -136,8 +136,20 @@ def _conv(x, st: ConvBN, w):
 
 
 class _ResidualBranchFn(torch.autograd.Function):
+    # The sdkernels ops inside run below the Autograd dispatch key (this function is their
+    # autograd), which skips their Python autograd wrappers: ~5 us per op call.
     @staticmethod
     def forward(ctx, x, residual, spec, *params):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ResidualBranchFn._forward(ctx, x, residual, spec, *params)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ResidualBranchFn._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, x, residual, spec, *params):
         stages, kernels, gate_scale, fmt = spec
         k = kernels
         xc = x.contiguous(memory_format=fmt)
@@ -147,6 +159,8 @@ class _ResidualBranchFn(torch.autograd.Function):
         pending = None  # (y, scale, shift) whose ReLU the next conv applies in its prologue
         for i, st in enumerate(stages):
             w, gamma, beta = params[3 * i: 3 * i + 3]
+            # oneDNN's forward is faster with the weight in the activations' layout
+            # (the copy is weight-sized); its backward is not sensitive to it.
             wc = w.contiguous(memory_format=fmt) if w.dim() == 4 else w
             if k.conv_bn_stats is not None and _triton_stage_ok(st, wc):
                 src, pro = (xc, None) if pending is None else (pending[0], pending[1:])
@@ -178,7 +192,7 @@ class _ResidualBranchFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def _backward(ctx, grad_out):
         stages, k, gate_scale, fmt = ctx.spec
         n = ctx.n
         saved = ctx.saved_tensors
@@ -217,9 +231,9 @@ class _ResidualBranchFn(torch.autograd.Function):
             else:
                 h_in = x.contiguous(memory_format=fmt)
             want_in = i > 0 or need[0]
-            wc = w.contiguous(memory_format=fmt)
+            wc = w
             gh, gw, _ = _aten.convolution_backward(
-                gy, h_in, wc, None, st.stride, st.padding, st.dilation, False, (0, 0),
+                gy, h_in, wc, [0], st.stride, st.padding, st.dilation, False, (0, 0),
                 st.groups, [want_in, bool(need[3 + 3 * i]), False])
             grads_params[3 * i] = gw
             if i > 0:
@@ -266,3 +280,4 @@ def residual_branch_train(x: torch.Tensor, residual: Optional[torch.Tensor],
     spec = (tuple(stages), kernels, float(gate_scale), torch.channels_last)
     with torch.autocast(dev, enabled=False):
         return _ResidualBranchFn.apply(x, residual, spec, *params)
+
