@@ -63,6 +63,8 @@ def test_block(benchmark, net_settings, kind, c, hw, dtype, fmt, impl, phase):
         n, hw = 2, min(hw, 8)
     x = torch.rand((n, shape[1], hw, hw), device=DEV, dtype=getattr(torch, dtype))
     x = x.contiguous(memory_format=mf).requires_grad_(phase == "fwd+bwd")
+    if impl == "triton" and not ON_CUDA:
+        pytest.skip("Triton is benchmarked on CUDA only (on CPU it runs in the interpreter)")
     ctx = contextlib.nullcontext() if impl == "eager" else backend_or_skip(pytest, impl, DEV)
 
     def run():
