@@ -213,4 +213,34 @@ TORCH_LIBRARY(sdkernels, m) {
       "bn_backward_apply(Tensor grad_out, Tensor? out, Tensor y, Tensor mean, "
       "Tensor invstd, Tensor? weight, Tensor sum_dy, Tensor sum_dy_xhat) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // A 4-D tensor copied to channels_last (channels_last=True) or NCHW-contiguous
+  // layout: x.contiguous(memory_format), always a new tensor.
+  m.def("relayout(Tensor x, bool channels_last) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // --- A whole residual branch in training (CPU; sdkernels/ops/fused_block.py) ---------
+  // Stage i of n: y_i = conv_i(a_{i-1}) (a_0 = x; weights[i], strides/paddings/
+  // dilations[2i:2i+2], groups[i], no bias), batch statistics of y_i (running stats
+  // updated in place when given: both lists empty or both of length n), then
+  // a_i = relu(BN_i(y_i)) for i < n-1 and
+  //   out = relu(residual + gate_scale * BN_{n-1}(y_{n-1}))   (residual None: x).
+  // Returns (out in x's memory format, saved = [y_0..y_{n-1}, mean_0.., invstd_0..]).
+  // Not tagged pt2_compliant: PT2 cannot functionalize a mutating op that returns a
+  // Tensor[] (yet); under torch.compile the blocks run their modules instead.
+  m.def(
+      "residual_branch_forward(Tensor x, Tensor? residual, Tensor[] weights, "
+      "Tensor?[] bn_weights, Tensor?[] bn_biases, Tensor(a!)[] running_means, "
+      "Tensor(b!)[] running_vars, int[] strides, int[] paddings, int[] dilations, "
+      "int[] groups, float[] momentums, float[] eps, float gate_scale) "
+      "-> (Tensor, Tensor[])");
+  // Its backward from what the forward saved (the BN outputs and activations are
+  // recomputed). output_mask = [x, residual, then (weight, bn_weight, bn_bias) per
+  // stage]. Returns (grad_x, grad_residual, grad_weights, grad_bn_weights,
+  // grad_bn_biases); gradients not asked for (or of absent parameters) are empty [0]
+  // tensors. With residual None (identity) grad_x includes the shortcut's gradient.
+  m.def(
+      "residual_branch_backward(Tensor grad_out, Tensor x, Tensor out, Tensor[] saved, "
+      "Tensor[] weights, Tensor?[] bn_weights, Tensor?[] bn_biases, int[] strides, "
+      "int[] paddings, int[] dilations, int[] groups, float gate_scale, "
+      "bool identity_residual, bool[] output_mask) "
+      "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])",
+      {at::Tag::pt2_compliant_tag});
 }

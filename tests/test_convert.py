@@ -39,9 +39,12 @@ def _perturb_bn(model):
     return model
 
 
-def _close(a, b, rel=1e-9):
+def _close(a, b, rel=1e-8):
     # Relative to the tensor's largest magnitude: deep nets with BN over tiny spatial
     # sizes amplify float64 rounding, so per-element rtol is the wrong yardstick.
+    # (ResNet-50 at 32x32 normalises layer4 over N*H*W = 3 values: parameter gradients
+    # differed by up to 2e-9 relative on an AVX2-only AMD CPU, with the fused path and
+    # with the module path alike, so 1e-9 was a property of the machine, not the code.)
     assert a.shape == b.shape
     err = (a - b).abs().max().item() if a.numel() else 0.0
     assert err <= rel * max(b.abs().max().item() if b.numel() else 0.0, 1e-30), err

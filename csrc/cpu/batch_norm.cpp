@@ -23,6 +23,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/batch_norm.h"
 #include "cpu/layout.h"
 
 namespace sdkernels {
@@ -399,14 +400,28 @@ void apply_kernel(const Geometry& g, const scalar_t* go, const scalar_t* out,
       });
 }
 
-at::Tensor bn_backward_apply_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
-                                 const at::Tensor& y, const at::Tensor& mean,
-                                 const at::Tensor& invstd,
-                                 const std::optional<at::Tensor>& weight,
-                                 const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat) {
+}  // namespace
+
+at::Tensor bn_backward_apply_into(const at::Tensor& grad_out,
+                                  const std::optional<at::Tensor>& out, const at::Tensor& y,
+                                  const at::Tensor& mean, const at::Tensor& invstd,
+                                  const std::optional<at::Tensor>& weight,
+                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
+                                  const at::Tensor& dest) {
   check_bn_backward_apply_inputs(grad_out, out, y, mean, invstd, weight, sum_dy, sum_dy_xhat);
   const Geometry g = cpu::geometry_of(y);
-  at::Tensor grad_y = at::empty(y.sizes(), y.options().memory_format(g.format));
+  at::Tensor grad_y = dest;
+  if (!grad_y.defined()) {
+    grad_y = at::empty(y.sizes(), y.options().memory_format(g.format));
+  } else {
+    // Written element by element right after grad_out's value at the same position is
+    // read, so dest may be grad_out itself (the fused branch reuses its buffers).
+    TORCH_CHECK(dest.sizes() == y.sizes() && dest.scalar_type() == y.scalar_type() &&
+                    dest.is_contiguous(g.format) &&
+                    (dest.is_same(grad_out) || !dest.is_alias_of(grad_out)) &&
+                    !dest.is_alias_of(y) && (!out.has_value() || !dest.is_alias_of(*out)),
+                "sdkernels::bn_backward_apply: bad destination tensor");
+  }
   if (g.numel == 0) return grad_y;
 
   const int64_t C = g.C;
@@ -446,6 +461,17 @@ at::Tensor bn_backward_apply_cpu(const at::Tensor& grad_out, const std::optional
     }
   });
   return grad_y;
+}
+
+namespace {
+
+at::Tensor bn_backward_apply_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
+                                 const at::Tensor& y, const at::Tensor& mean,
+                                 const at::Tensor& invstd,
+                                 const std::optional<at::Tensor>& weight,
+                                 const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat) {
+  return bn_backward_apply_into(grad_out, out, y, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                at::Tensor());
 }
 
 }  // namespace

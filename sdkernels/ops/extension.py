@@ -42,6 +42,9 @@ _STATS = "sdkernels::bn_stats"
 _SBR = "sdkernels::scale_bias_relu"
 _REDUCE = "sdkernels::relu_bn_backward_reduce"
 _APPLY = "sdkernels::bn_backward_apply"
+_RELAYOUT = "sdkernels::relayout"
+_BRANCH_FWD = "sdkernels::residual_branch_forward"
+_BRANCH_BWD = "sdkernels::residual_branch_backward"
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
                 torch.float16: "Half", torch.int32: "Int", torch.int64: "Long",
@@ -345,6 +348,83 @@ def _register_bn_ops() -> None:
 
     # bn_stats, relu_bn_backward_reduce and bn_backward_apply get their (raising)
     # Autograd kernel in C++ (csrc/cpu/batch_norm.cpp): no Python cost per call.
+
+    _register_branch_ops()
+
+
+def _register_branch_ops() -> None:
+    """Fake kernels of relayout and the whole-branch training ops (CPU kernels only).
+
+    Their Autograd kernels (not differentiable) are registered in C++.
+    """
+
+    @torch.library.register_fake(_RELAYOUT)
+    def _relayout_fake(x, channels_last):
+        _check(x.dim() == 4, _RELAYOUT,
+               lambda: f"expected a 4-D tensor [N, C, H, W], got a {x.dim()}-D tensor of "
+                       f"shape {list(x.shape)}")
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty_like(x, memory_format=fmt)
+
+    def _conv_out(h, w, stride, padding, dilation):
+        sizes = [h.shape[0], w.shape[0]]
+        for d in range(2):
+            k = dilation[d] * (w.shape[2 + d] - 1) + 1
+            sizes.append((h.shape[2 + d] + 2 * padding[d] - k) // stride[d] + 1)
+        return sizes
+
+    @torch.library.register_fake(_BRANCH_FWD)
+    def _branch_forward_fake(x, residual, weights, bn_weights, bn_biases, running_means,
+                             running_vars, strides, paddings, dilations, groups, momentums,
+                             eps, gate_scale):
+        _check_x(_BRANCH_FWD, x)
+        _check(x.dim() == 4, _BRANCH_FWD,
+               lambda: f"expected a 4-D input [N, C, H, W], got a {x.dim()}-D tensor")
+        n = len(weights)
+        _check(n > 0 and len(strides) == 2 * n and len(paddings) == 2 * n
+               and len(dilations) == 2 * n and len(groups) == n, _BRANCH_FWD,
+               lambda: "expected one weight and conv setting per stage")
+        ys, h = [], x
+        for i, w in enumerate(weights):
+            shape = _conv_out(h, w, strides[2 * i:2 * i + 2], paddings[2 * i:2 * i + 2],
+                              dilations[2 * i:2 * i + 2])
+            h = x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+            ys.append(h)
+        dt = _stats_dtype(x)
+        stats = [x.new_empty((y.shape[1],), dtype=dt) for y in ys]
+        out = torch.empty_like(ys[-1], memory_format=_branch_layout(x))
+        return out, ys + stats + [s.clone() for s in stats]
+
+    @torch.library.register_fake(_BRANCH_BWD)
+    def _branch_backward_fake(grad_out, x, out, saved, weights, bn_weights, bn_biases,
+                              strides, paddings, dilations, groups, gate_scale,
+                              identity_residual, output_mask):
+        _check_x(_BRANCH_BWD, x)
+        n = len(weights)
+        _check(len(saved) == 3 * n and len(output_mask) == 2 + 3 * n, _BRANCH_BWD,
+               lambda: "expected 3 saved tensors and 3 output_mask entries per stage")
+        def none():  # a gradient not asked for: a fresh empty tensor each
+            return x.new_empty((0,))
+        gx = torch.empty_like(x, memory_format=_branch_layout(x)) if output_mask[0] else none()
+        gres = (torch.empty_like(out, memory_format=torch.channels_last)
+                if output_mask[1] and not identity_residual else none())
+        gws, ggs, gbs = [], [], []
+        for i in range(n):
+            gws.append(torch.empty_like(weights[i]) if output_mask[2 + 3 * i] else none())
+            g, b = bn_weights[i], bn_biases[i]
+            ggs.append(torch.empty_like(g) if g is not None and output_mask[3 + 3 * i]
+                       else none())
+            gbs.append(torch.empty_like(b) if b is not None and output_mask[4 + 3 * i]
+                       else none())
+        return gx, gres, gws, ggs, gbs
+
+
+def _branch_layout(x: torch.Tensor) -> torch.memory_format:
+    # as csrc/cpu/residual_branch.cpp: channels_last only when not also NCHW-contiguous
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 if _C is not None and not getattr(_C, "_sdkernels_python_registered", False):
