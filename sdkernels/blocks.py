@@ -93,6 +93,39 @@ def _bn_batch_args(bn: nn.Module):
             bn.running_var if track else None, momentum)
 
 
+def conv_bn_relu(owner: nn.Module, conv: nn.Module, bn: nn.Module, relu: nn.Module, x):
+    """``relu(bn(conv(x)))`` of a network's stem, fused where the backend allows.
+
+    On the CPU extension backend, with a plain bias-free Conv2d and BatchNorm2d and no
+    hooks: training recomputes the convolution in backward instead of saving its output
+    (``ops.fused_block.conv_bn_relu_train``), eval folds BN into the convolution
+    (``inference.conv_bn_relu_eval``, cached on ``owner``). Both return channels_last,
+    so the blocks after it run without layout conversions. Otherwise the modules run.
+    """
+    backend = ops.resolve_backend(x.device)
+    if (backend != "extension" or x.device.type != "cpu" or x.dim() != 4
+            or x.shape[0] == 0 or torch.compiler.is_compiling()
+            or not _fusable_conv(conv) or type(bn) is not nn.BatchNorm2d
+            or not isinstance(relu, nn.ReLU) or _has_hooks([conv, bn, relu])):
+        return relu(bn(conv(x)))
+    if bn.training:
+        spatial = [(x.shape[2 + d] + 2 * conv.padding[d] - conv.dilation[d]
+                    * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1 for d in range(2)]
+        if x.shape[0] * spatial[0] * spatial[1] <= 1:
+            return relu(bn(conv(x)))  # BN raises on one value per channel
+        _, rm, rv, momentum = _bn_batch_args(bn)
+        stage = ops.ConvBN(conv.weight, tuple(conv.stride), tuple(conv.padding),
+                           tuple(conv.dilation), conv.groups, bn.weight, bn.bias, rm, rv,
+                           momentum, bn.eps)
+        return ops.fused_block.conv_bn_relu_train(x, stage, ops.fused_block.extension_kernels())
+    if torch.is_grad_enabled() and any(p.requires_grad for p in (*conv.parameters(),
+                                                                 *bn.parameters())):
+        return relu(bn(conv(x)))  # folded weights have no autograd
+    if bn.running_mean is None or bn.running_var is None:
+        return relu(bn(conv(x)))
+    return inference.conv_bn_relu_eval(owner, conv, bn, x)
+
+
 def _bn_tail(bn: nn.Module, y, residual, gate_scale: float):
     """relu(residual + gate_scale * bn(y)), fused where ``bn`` is a plain BatchNorm.
 

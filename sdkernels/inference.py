@@ -40,9 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["fold_conv_bn", "FoldedConv", "FoldedBlock", "fold_block", "block_eval",
-           "block_eval_reference", "clear_cache", "can_fold", "onednn_fused_available"]
+           "block_eval_reference", "clear_cache", "can_fold", "onednn_fused_available",
+           "conv_bn_relu_eval"]
 
 _CACHE_ATTR = "_sd_fold_cache"
+_STEM_CACHE_ATTR = "_sd_stem_fold_cache"
 
 
 def fold_conv_bn(weight: torch.Tensor, bn: nn.BatchNorm2d, gate_scale: float = 1.0,
@@ -109,17 +111,20 @@ def can_fold(block) -> bool:
 
 
 def _key(block, gate_scale, dtype, device, packed):
-    parts = [gate_scale, dtype, device, packed]
-    tensors = []
-    for conv, bn in block._conv_bn_stages():
-        tensors += [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-        parts.append(bn.eps)
+    stages = list(block._conv_bn_stages())
     proj = _projection(block.shortcut_module) if block.shortcut_module is not None else None
     if proj is not None:
-        tensors += [proj[0].weight, proj[0].bias, proj[1].weight, proj[1].bias,
-                    proj[1].running_mean, proj[1].running_var]
-    for t in tensors:
-        parts.append(None if t is None else (id(t), t.data_ptr(), t._version))
+        stages.append(proj)
+    return _stages_key(stages, gate_scale, dtype, device, packed)
+
+
+def _stages_key(stages, gate_scale, dtype, device, packed):
+    """Identity and version of every tensor folding reads, plus the fold's settings."""
+    parts = [gate_scale, dtype, device, packed]
+    for conv, bn in stages:
+        parts.append(bn.eps)
+        for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            parts.append(None if t is None else (id(t), t.data_ptr(), t._version))
     return tuple(parts)
 
 
@@ -163,9 +168,10 @@ def fold_block(block, gate_scale: float, dtype: torch.dtype, device: torch.devic
 
 
 def clear_cache(model: nn.Module) -> None:
-    """Drop every block's cached folded weights (they are rebuilt on the next call)."""
+    """Drop every block's (and stem's) cached folded weights; rebuilt on the next call."""
     for m in model.modules():
         m.__dict__.pop(_CACHE_ATTR, None)
+        m.__dict__.pop(_STEM_CACHE_ATTR, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,11 +207,23 @@ def block_eval_reference(fb: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
     return torch.relu(_conv(h, fb.convs[-1]) + r)
 
 
-def onednn_fused_available() -> bool:
-    """oneDNN convolutions with fused post-ops reachable through ATen (CPU)."""
-    return (torch.backends.mkldnn.is_available()
+def onednn_fused_available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN convolutions with fused post-ops reachable through ATen (CPU) for ``dtype``.
+
+    float32 always; bfloat16 only where oneDNN has its bf16 kernels (AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT): on other CPUs the weight reorder raises, so the extension's
+    executor (ATen convolution + fused epilogue op) runs instead.
+    """
+    if not (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
+            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")):
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(probe is not None and probe())
+    return False
 
 
 def _onednn_conv(x, c: FoldedConv, unary="relu"):
@@ -254,7 +272,7 @@ def block_eval(block, x: torch.Tensor, gate_scale: float, backend: str) -> torch
         dtype = torch.get_autocast_dtype(x.device.type)
     xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
     use_onednn = (x.device.type == "cpu" and backend == "extension"
-                  and dtype in (torch.float32, torch.bfloat16) and onednn_fused_available())
+                  and onednn_fused_available(dtype))
     fb = fold_block(block, float(gate_scale), dtype, x.device, packed=use_onednn)
     with torch.autocast(x.device.type, enabled=False):
         if use_onednn:
@@ -272,6 +290,32 @@ def block_eval(block, x: torch.Tensor, gate_scale: float, backend: str) -> torch
     # block cost ~30% of a ResNet-110 eval forward on CPU, and the next block (or any
     # torch op) takes channels_last as it is. Values are the same either way.
     return out
+
+
+def conv_bn_relu_eval(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                      x: torch.Tensor) -> torch.Tensor:
+    """relu(bn(conv(x))) in eval with BN folded into the convolution (a network's stem).
+
+    The folded convolution is cached on ``owner`` like a block's. CPU float32/bfloat16
+    with oneDNN: one convolution with a fused bias+ReLU post-op; elsewhere the folded
+    convolution then ReLU. The output is channels_last, as the blocks' eval outputs are.
+    """
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    packed = x.device.type == "cpu" and onednn_fused_available(dtype)
+    key = _stages_key([(conv, bn)], 1.0, dtype, x.device, packed)
+    cached = owner.__dict__.get(_STEM_CACHE_ATTR)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, _fold_one(conv, bn, 1.0, dtype, packed))
+        owner.__dict__[_STEM_CACHE_ATTR] = cached
+    fc = cached[1]
+    with torch.autocast(x.device.type, enabled=False):
+        if packed:
+            return _onednn_conv(xc, fc)
+        return torch.relu(_conv(xc, fc))
 
 
 def _triton_shortcut(block, fb: FoldedBlock):

@@ -260,3 +260,103 @@ def test_hooks_on_branch_modules_force_the_module_path():
         assert block._fused_path(x) is None
     finally:
         h.remove()
+
+
+# ---------------------------------------------------------------------------------------
+# The fused stem of the CIFAR ResNets (blocks.conv_bn_relu)
+
+def _cifar_pair(depth=20):
+    from sdkernels.models import cifar_resnet
+    m = cifar_resnet(depth, p_last=1.0).double()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    return m, copy.deepcopy(m)
+
+
+def _stem_grad_fn(model, x):
+    with sdkernels.use_backend("extension"):
+        y = sdkernels.blocks.conv_bn_relu(model, model.conv1, model.bn1, model.relu, x)
+    return y
+
+
+@ext_only
+def test_fused_stem_train_matches_modules_float64():
+    m, ref = _cifar_pair()
+    m.train(), ref.train()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with sdkernels.use_backend("extension"):
+        y = m(x1)
+    with sdkernels.use_backend("reference"):
+        y_ref = ref(x2)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    for (n, p1), (_, p2) in zip(m.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, msg=lambda s: f"grad of {n}: {s}")
+    for (n, t1), (_, t2) in zip(m.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(t1, t2, msg=lambda s: f"buffer {n}: {s}")
+    # the stem's output is channels_last, its grad_fn the recomputing function
+    stem = _stem_grad_fn(m, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert stem.is_contiguous(memory_format=torch.channels_last)
+    assert type(stem.grad_fn).__name__ == "_ConvBNReLUFnBackward"
+
+
+@ext_only
+def test_fused_stem_saves_no_conv_output():
+    from sdkernels.bench.memory import saved_bytes
+    m, _ = _cifar_pair()
+    m.train()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    with sdkernels.use_backend("extension"):
+        counts, y = saved_bytes(
+            lambda: sdkernels.blocks.conv_bn_relu(m, m.conv1, m.bn1, m.relu, x),
+            exclude=list(m.parameters()))
+    act = y.numel() * y.element_size()
+    # the input image and the output (the first block's input); no conv output
+    assert counts["saved_bytes"] < x.numel() * x.element_size() + act + 4096
+    assert counts["saved_bytes"] >= x.numel() * x.element_size() + act
+
+
+@ext_only
+def test_fused_stem_eval_and_cache():
+    m, ref = _cifar_pair()
+    m.eval(), ref.eval()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        with sdkernels.use_backend("extension"):
+            y = m(x)
+        with sdkernels.use_backend("reference"):
+            y_ref = ref(x)
+        torch.testing.assert_close(y, y_ref)
+        # an in-place weight update invalidates the folded stem
+        m.conv1.weight.mul_(1.5)
+        ref.conv1.weight.mul_(1.5)
+        with sdkernels.use_backend("extension"):
+            y = m(x)
+        with sdkernels.use_backend("reference"):
+            y_ref = ref(x)
+        torch.testing.assert_close(y, y_ref)
+
+
+@ext_only
+def test_reverted_cifar_resnet_runs_plain_stem():
+    from sdkernels.models import cifar_resnet
+    seen = []
+
+    def stem_output_kind(model):
+        seen.clear()
+        h = model.layer1.register_forward_pre_hook(
+            lambda mod, args: seen.append(type(args[0].grad_fn).__name__))
+        with sdkernels.use_backend("extension"):
+            model(torch.randn(2, 3, 16, 16))
+        h.remove()
+        return seen[0]
+    m = cifar_resnet(20).train()
+    assert stem_output_kind(m) == "_ConvBNReLUFnBackward"
+    assert stem_output_kind(sdkernels.revert(m)) == "ReluBackward0"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import BasicBlock
+from ..blocks import BasicBlock, StochasticDepthBlock, conv_bn_relu
 from ..gates import GateGenerator
 from ..schedule import survival_probs
 
@@ -67,7 +67,13 @@ class CifarResNet(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
+        if isinstance(self.layer1[0], StochasticDepthBlock):
+            # With sdkernels blocks the stem runs fused too (training: its convolution
+            # recomputed in backward; eval: BN folded in); channels_last from here on.
+            # A reverted (plain) network runs its modules everywhere.
+            x = conv_bn_relu(self, self.conv1, self.bn1, self.relu, x)
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 

@@ -41,7 +41,7 @@ import torch
 from . import reference
 
 __all__ = ["ConvBN", "Kernels", "REFERENCE_KERNELS", "extension_kernels", "triton_kernels",
-           "residual_branch_train"]
+           "residual_branch_train", "conv_bn_relu_train"]
 
 _aten = torch.ops.aten
 
@@ -355,3 +355,65 @@ def residual_branch_train(x: torch.Tensor, residual: Optional[torch.Tensor],
         spec = (tuple(stages), kernels, float(gate_scale), torch.channels_last)
         return _ResidualBranchFn.apply(x, residual, spec, *params)
 
+
+
+class _ConvBNReLUFn(torch.autograd.Function):
+    """relu(BN(conv(x))) in training, saving x, the output and the statistics only.
+
+    The convolution output is recomputed in backward instead of saved. This is meant for
+    a network's stem: with 3 input channels its convolution costs a few percent of one
+    residual block's, while its output is a full activation; the stem's output is the
+    first block's input, which that block keeps anyway, so the stem then adds no
+    activation-sized tensor of its own to what the step keeps for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, spec, w, gamma, beta):
+        st, k = spec
+        with torch._C._AutoDispatchBelowAutograd():
+            xc = x.contiguous(memory_format=torch.channels_last)
+            y = _conv(xc, st, w)
+            mean, invstd = k.bn_stats(y, st.running_mean, st.running_var, st.momentum, st.eps)
+            scale, shift = _fold(mean, invstd, gamma, beta, 1.0)
+            out = k.scale_bias_relu(y, scale, shift)
+        ctx.spec = spec
+        ctx.save_for_backward(x, out, mean, invstd, w, gamma, beta)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        st, k = ctx.spec
+        x, out, mean, invstd, w, gamma, beta = ctx.saved_tensors
+        need = ctx.needs_input_grad  # (x, spec, w, gamma, beta)
+        with torch._C._AutoDispatchBelowAutograd():
+            xc = x.contiguous(memory_format=torch.channels_last)
+            y = _conv(xc, st, w)  # recomputed
+            g = g.contiguous(memory_format=torch.channels_last)
+            sum_dy, sum_dy_xhat, _ = k.relu_bn_backward_reduce(g, out, y, mean, invstd, False)
+            eff_w = None if gamma is None else gamma.to(mean.dtype)
+            gy = k.bn_backward_apply(g, out, y, mean, invstd, eff_w, sum_dy, sum_dy_xhat)
+            gx, gw, _ = _aten.convolution_backward(
+                gy, xc, w, [0], st.stride, st.padding, st.dilation, False, (0, 0), st.groups,
+                [bool(need[0]), bool(need[2]), False])
+        return (None if gx is None else gx.contiguous(memory_format=_layout(x)), None,
+                None if gw is None else gw.contiguous(memory_format=_layout(w)),
+                sum_dy_xhat.to(gamma.dtype) if gamma is not None and need[3] else None,
+                sum_dy.to(beta.dtype) if beta is not None and need[4] else None)
+
+
+def conv_bn_relu_train(x: torch.Tensor, stage: ConvBN, kernels: Kernels) -> torch.Tensor:
+    """relu(BN(conv(x))) in training (batch statistics), output in channels_last.
+
+    The convolution is recomputed in backward (see ``_ConvBNReLUFn``); the output is
+    channels_last whatever x's layout, so the blocks that follow run without layout
+    conversions. Under autocast the convolution runs in the autocast dtype.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"conv_bn_relu_train: expected a 4-D input, got {x.dim()}-D")
+    dev = x.device.type
+    w = stage.weight
+    if torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+        x, w = x.to(cdt), w.to(cdt)
+    with torch.autocast(dev, enabled=False):
+        return _ConvBNReLUFn.apply(x, (stage, kernels), w, stage.bn_weight, stage.bn_bias)
