@@ -197,6 +197,14 @@ TORCH_LIBRARY(sdkernels, m) {
   // out = relu(x * scale[c] + bias[c]): BN apply + ReLU inside a residual branch.
   m.def("scale_bias_relu(Tensor x, Tensor scale, Tensor bias) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // In place: x = relu(x * scale[c] + bias[c] + residual) (residual optional): the eval
+  // epilogue written into a convolution's output (CPU). x must be dense in its memory
+  // format; residual has x's shape and dtype. Returns nothing (PT2 functionalizes
+  // custom in-place ops only without aliased returns). Not differentiable.
+  m.def(
+      "scale_bias_relu_(Tensor(a!) x, Tensor scale, Tensor bias, Tensor? residual=None) "
+      "-> ()",
+      {at::Tag::pt2_compliant_tag});
   // BN-backward reductions behind an optional ReLU: dy = grad_out where out > 0 (all of
   // grad_out when out is None), xhat = (y - mean[c]) * invstd[c]. Returns
   // (sum_dy[c], sum_dy_xhat[c], dy): sums in the statistics dtype; dy is materialised

@@ -17,9 +17,12 @@ gate scale, dtype, device and layout. Writes through ``.data`` bypass version co
 after those, call ``clear_cache(model)``, which drops every cache.
 
 Executors, per device:
-* CPU: oneDNN convolutions with fused post-ops (``torch.ops.mkldnn._convolution_pointwise``:
-  bias+ReLU, and bias + residual add + ReLU), weights reordered once into oneDNN's
-  blocked layout and cached, activations in channels_last.
+* CPU: ATen (oneDNN) convolutions without bias, each followed by the in-place epilogue
+  op ``sdkernels::scale_bias_relu_`` (bias+ReLU, or bias + residual + ReLU) written into
+  the convolution's own output; activations in channels_last. Measured on an AVX2 CPU,
+  oneDNN's fused post-ops (``mkldnn._convolution_pointwise``) made the convolution itself
+  7-60% slower than a plain one (bias+ReLU least, bias+add+ReLU most), and every fresh
+  activation costs its page faults (~1.4 ms per 4 MiB here), so one in-place pass wins.
 * CUDA: cuDNN convolutions with the folded weights, then the extension's fused
   bias(+residual)+ReLU epilogue ops.
 * Triton (``use_backend("triton")``): the whole block as implicit-GEMM convolutions
@@ -40,8 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["fold_conv_bn", "FoldedConv", "FoldedBlock", "fold_block", "block_eval",
-           "block_eval_reference", "clear_cache", "can_fold", "onednn_fused_available",
-           "conv_bn_relu_eval"]
+           "block_eval_reference", "clear_cache", "can_fold", "conv_bn_relu_eval"]
 
 _CACHE_ATTR = "_sd_fold_cache"
 _STEM_CACHE_ATTR = "_sd_stem_fold_cache"
@@ -74,7 +76,7 @@ class FoldedConv:
     padding: tuple
     dilation: tuple
     groups: int
-    packed: Optional[torch.Tensor] = None   # oneDNN blocked weight (CPU executor)
+    ones: Optional[torch.Tensor] = None     # unit scale of the in-place epilogue (CPU)
 
     def as_tuple(self):
         return (self.weight, self.bias, self.stride, self.padding)
@@ -110,17 +112,17 @@ def can_fold(block) -> bool:
     return all(_plain_conv(c) and _plain_bn(b) for c, b in stages())
 
 
-def _key(block, gate_scale, dtype, device, packed):
+def _key(block, gate_scale, dtype, device):
     stages = list(block._conv_bn_stages())
     proj = _projection(block.shortcut_module) if block.shortcut_module is not None else None
     if proj is not None:
         stages.append(proj)
-    return _stages_key(stages, gate_scale, dtype, device, packed)
+    return _stages_key(stages, gate_scale, dtype, device)
 
 
-def _stages_key(stages, gate_scale, dtype, device, packed):
+def _stages_key(stages, gate_scale, dtype, device):
     """Identity and version of every tensor folding reads, plus the fold's settings."""
-    parts = [gate_scale, dtype, device, packed]
+    parts = [gate_scale, dtype, device]
     for conv, bn in stages:
         parts.append(bn.eps)
         for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var):
@@ -128,30 +130,25 @@ def _stages_key(stages, gate_scale, dtype, device, packed):
     return tuple(parts)
 
 
-def _fold_one(conv: nn.Conv2d, bn, gate_scale, dtype, packed_for_cpu) -> FoldedConv:
+def _fold_one(conv: nn.Conv2d, bn, gate_scale, dtype) -> FoldedConv:
     w, b = fold_conv_bn(conv.weight, bn, gate_scale, conv.bias)
     w = w.to(dtype).contiguous(memory_format=torch.channels_last)
     if dtype == torch.float64:
         b = b.double()
-    fc = FoldedConv(w, b, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
-                    conv.groups)
-    if packed_for_cpu:
-        fc.packed = torch.ops.mkldnn._reorder_convolution_weight(
-            w, list(fc.padding), list(fc.stride), list(fc.dilation), fc.groups)
-        fc.bias = b.to(dtype)  # oneDNN wants the bias in the activation dtype
-    return fc
+    return FoldedConv(w, b, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
+                      conv.groups, torch.ones_like(b))
 
 
-def fold_block(block, gate_scale: float, dtype: torch.dtype, device: torch.device,
-               packed: bool = False) -> FoldedBlock:
+def fold_block(block, gate_scale: float, dtype: torch.dtype,
+               device: torch.device) -> FoldedBlock:
     """The block's folded eval form, from its cache when nothing changed."""
-    key = _key(block, gate_scale, dtype, device, packed)
+    key = _key(block, gate_scale, dtype, device)
     cached = block.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
         stages = block._conv_bn_stages()
-        convs = [_fold_one(c, b, gate_scale if i == len(stages) - 1 else 1.0, dtype, packed)
+        convs = [_fold_one(c, b, gate_scale if i == len(stages) - 1 else 1.0, dtype)
                  for i, (c, b) in enumerate(stages)]
         m = block.shortcut_module
         from .blocks import _is_identity
@@ -159,7 +156,7 @@ def fold_block(block, gate_scale: float, dtype: torch.dtype, device: torch.devic
             shortcut = ("identity",)
         elif _projection(m) is not None:
             pc, pb = _projection(m)
-            shortcut = ("projection", _fold_one(pc, pb, 1.0, dtype, packed))
+            shortcut = ("projection", _fold_one(pc, pb, 1.0, dtype))
         else:
             shortcut = ("module", m)
     fb = FoldedBlock(convs, shortcut)
@@ -207,46 +204,26 @@ def block_eval_reference(fb: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
     return torch.relu(_conv(h, fb.convs[-1]) + r)
 
 
-def onednn_fused_available(dtype: torch.dtype = torch.float32) -> bool:
-    """oneDNN convolutions with fused post-ops reachable through ATen (CPU) for ``dtype``.
-
-    float32 always; bfloat16 only where oneDNN has its bf16 kernels (AVX-512 BW/VL/DQ or
-    AVX-NE-CONVERT): on other CPUs the weight reorder raises, so the extension's
-    executor (ATen convolution + fused epilogue op) runs instead.
-    """
-    if not (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")):
-        return False
-    if dtype == torch.float32:
-        return True
-    if dtype == torch.bfloat16:
-        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        return bool(probe is not None and probe())
-    return False
-
-
-def _onednn_conv(x, c: FoldedConv, unary="relu"):
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, c.packed, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,
-        unary, [], "")
+def _epilogue_(y: torch.Tensor, c: FoldedConv, residual=None) -> torch.Tensor:
+    """relu(y + bias (+ residual)) written into y (the CPU executor's epilogue)."""
+    torch.ops.sdkernels.scale_bias_relu_(y, c.ones, c.bias, residual)
+    return y
 
 
 def _block_eval_cpu(fb: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
     h = x
     for c in fb.convs[:-1]:
-        h = _onednn_conv(h, c)
+        h = _epilogue_(_conv(h, c, bias=False), c)
     kind = fb.shortcut[0]
     if kind == "identity":
         r = x
     elif kind == "projection":
-        r = _onednn_conv(x, fb.shortcut[1], "none")
+        r = _conv(x, fb.shortcut[1])
     else:
-        r = fb.shortcut[1](x).contiguous(memory_format=torch.channels_last)
+        r = fb.shortcut[1](x)
     last = fb.convs[-1]
-    return torch.ops.mkldnn._convolution_pointwise.binary(
-        h, r.to(h.dtype), last.packed, last.bias, list(last.padding), list(last.stride),
-        list(last.dilation), last.groups, "add", 1.0, "relu", [], "")
+    return _epilogue_(_conv(h, last, bias=False), last,
+                      r.to(h.dtype).contiguous(memory_format=torch.channels_last))
 
 
 def _block_eval_extension(fb: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
@@ -271,11 +248,9 @@ def block_eval(block, x: torch.Tensor, gate_scale: float, backend: str) -> torch
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
-    use_onednn = (x.device.type == "cpu" and backend == "extension"
-                  and onednn_fused_available(dtype))
-    fb = fold_block(block, float(gate_scale), dtype, x.device, packed=use_onednn)
+    fb = fold_block(block, float(gate_scale), dtype, x.device)
     with torch.autocast(x.device.type, enabled=False):
-        if use_onednn:
+        if x.device.type == "cpu" and backend == "extension":
             out = _block_eval_cpu(fb, xc)
         elif backend == "triton" and _triton_shortcut(block, fb) is not None and all(
                 c.groups == 1 and c.dilation == (1, 1) for c in fb.convs) and dtype in (
@@ -296,25 +271,24 @@ def conv_bn_relu_eval(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d,
                       x: torch.Tensor) -> torch.Tensor:
     """relu(bn(conv(x))) in eval with BN folded into the convolution (a network's stem).
 
-    The folded convolution is cached on ``owner`` like a block's. CPU float32/bfloat16
-    with oneDNN: one convolution with a fused bias+ReLU post-op; elsewhere the folded
-    convolution then ReLU. The output is channels_last, as the blocks' eval outputs are.
+    The folded convolution is cached on ``owner`` like a block's; on CPU it runs as the
+    blocks' do (plain convolution, in-place bias+ReLU). The output is channels_last, as
+    the blocks' eval outputs are.
     """
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
-    packed = x.device.type == "cpu" and onednn_fused_available(dtype)
-    key = _stages_key([(conv, bn)], 1.0, dtype, x.device, packed)
+    key = _stages_key([(conv, bn)], 1.0, dtype, x.device)
     cached = owner.__dict__.get(_STEM_CACHE_ATTR)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, _fold_one(conv, bn, 1.0, dtype, packed))
+            cached = (key, _fold_one(conv, bn, 1.0, dtype))
         owner.__dict__[_STEM_CACHE_ATTR] = cached
     fc = cached[1]
     with torch.autocast(x.device.type, enabled=False):
-        if packed:
-            return _onednn_conv(xc, fc)
+        if x.device.type == "cpu":
+            return _epilogue_(_conv(xc, fc, bias=False), fc)
         return torch.relu(_conv(xc, fc))
 
 

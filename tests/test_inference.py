@@ -146,3 +146,66 @@ def test_whole_model_eval_matches():
         with sdkernels.use_backend("extension"):
             out = model(x)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# sdkernels::scale_bias_relu_ (the CPU executor's in-place epilogue)
+
+def _sbr_ref(x, scale, bias, residual):
+    c = [1, -1] + [1] * (x.dim() - 2)
+    v = x.double() * scale.double().reshape(c) + bias.double().reshape(c)
+    if residual is not None:
+        v = v + residual.double()
+    return torch.relu(v)
+
+
+@ext_only
+@pytest.mark.parametrize("with_res", [False, True], ids=["bias_relu", "bias_add_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,fmt", [((2, 3, 5, 7), "nchw"), ((2, 3, 5, 7), "cl"),
+                                       ((1, 16, 13, 1), "cl"), ((3, 5), "nchw"),
+                                       ((0, 4, 3, 3), "nchw"), ((2, 64, 8, 8), "cl"),
+                                       ((2, 7, 3, 11), "nchw")], ids=str)
+def test_scale_bias_relu_inplace(shape, fmt, dtype, with_res):
+    mf = torch.channels_last if fmt == "cl" else torch.contiguous_format
+    x = torch.randn(shape).to(dtype)
+    x = x.contiguous(memory_format=mf) if x.dim() == 4 else x
+    c = shape[1]
+    scale, bias = torch.rand(c) + 0.5, torch.randn(c) * 0.1
+    res = torch.randn(shape).to(dtype) if with_res else None  # NCHW: converted inside
+    want = _sbr_ref(x, scale, bias, res)
+    ptr, ver = x.data_ptr(), x._version
+    assert torch.ops.sdkernels.scale_bias_relu_(x, scale, bias, res) is None
+    assert x.data_ptr() == ptr and x._version > ver  # in place, version bumped
+    tol = {torch.float32: 1e-6, torch.float64: 1e-12}.get(dtype, 1e-2)
+    torch.testing.assert_close(x.double(), want, atol=tol, rtol=tol)
+
+
+@ext_only
+def test_scale_bias_relu_inplace_residual_is_x_and_errors():
+    x = torch.randn(2, 3, 4, 4)
+    want = torch.relu(2 * x + 0.5)
+    torch.ops.sdkernels.scale_bias_relu_(x, torch.ones(3), torch.full((3,), 0.5), x)
+    torch.testing.assert_close(x, want)
+    op = "sdkernels::scale_bias_relu_"
+    with pytest.raises(RuntimeError, match=f"{op}: expected x dense"):
+        torch.ops.sdkernels.scale_bias_relu_(torch.randn(2, 3, 4, 8)[..., ::2], torch.ones(3),
+                                             torch.zeros(3))
+    with pytest.raises(RuntimeError, match=f"{op}: expected residual with x's shape"):
+        torch.ops.sdkernels.scale_bias_relu_(torch.randn(2, 3, 4, 4), torch.ones(3),
+                                             torch.zeros(3), torch.randn(2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="sdkernels::scale_bias_relu: expected scale of length"):
+        torch.ops.sdkernels.scale_bias_relu_(torch.randn(2, 3, 4, 4), torch.ones(4),
+                                             torch.zeros(3))
+    with pytest.raises(RuntimeError, match="sdkernels::scale_bias_relu: expected x to be float32"):
+        torch.ops.sdkernels.scale_bias_relu_(torch.ones(2, 3, 4, 4, dtype=torch.int32),
+                                             torch.ones(3), torch.zeros(3))
+
+
+@ext_only
+@pytest.mark.parametrize("with_res", [False, True])
+def test_scale_bias_relu_inplace_opcheck(with_res):
+    x = torch.randn(2, 3, 5, 4).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(2, 3, 5, 4) if with_res else None
+    torch.library.opcheck(torch.ops.sdkernels.scale_bias_relu_.default,
+                          (x, torch.rand(3) + 0.5, torch.randn(3), res))

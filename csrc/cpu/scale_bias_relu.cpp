@@ -8,8 +8,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "cpu/layout.h"
@@ -87,9 +90,108 @@ at::Tensor scale_bias_relu_cpu(const at::Tensor& x, const at::Tensor& scale,
   return out;
 }
 
+// scale_bias_relu_: x = relu(x * scale[c] + bias[c] (+ residual)) in place. The eval
+// epilogue after a plain convolution: writing into the convolution's own output saves
+// allocating a fresh activation per stage, whose first touch (page faults) costs more
+// than the pass itself on CPU. x is read and written at the same index only.
+template <typename scalar_t, typename opmath_t, bool kRes>
+SDKERNELS_CPU_CLONES
+void rows_inplace(scalar_t* x, const scalar_t* __restrict__ r, const opmath_t* __restrict__ s,
+                  const opmath_t* __restrict__ b, int64_t C, int64_t c0, int64_t inner,
+                  int64_t nrows) {
+  int64_t c = c0;
+  for (int64_t row = 0; row < nrows; ++row) {
+    const opmath_t sc = s[c], bc = b[c];
+    const int64_t o = row * inner;
+    for (int64_t j = 0; j < inner; ++j) {
+      opmath_t v = static_cast<opmath_t>(x[o + j]) * sc + bc;
+      if constexpr (kRes) v += static_cast<opmath_t>(r[o + j]);
+      cpu::store(&x[o + j], v < opmath_t(0) ? opmath_t(0) : v);
+    }
+    if (++c == C) c = 0;
+  }
+}
+
+template <typename scalar_t, typename opmath_t, bool kRes>
+SDKERNELS_CPU_CLONES
+void periods_inplace(scalar_t* x, const scalar_t* __restrict__ r,
+                     const opmath_t* __restrict__ s, const opmath_t* __restrict__ b, int64_t P,
+                     int64_t n) {
+  for (int64_t p = 0; p < n; p += P) {
+    const int64_t len = std::min(P, n - p);
+    for (int64_t j = 0; j < len; ++j) {
+      opmath_t v = static_cast<opmath_t>(x[p + j]) * s[j] + b[j];
+      if constexpr (kRes) v += static_cast<opmath_t>(r[p + j]);
+      cpu::store(&x[p + j], v < opmath_t(0) ? opmath_t(0) : v);
+    }
+  }
+}
+
+void scale_bias_relu_inplace_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                        const at::Tensor& bias,
+                                        const std::optional<at::Tensor>& residual) {
+  constexpr const char* op = "sdkernels::scale_bias_relu_";
+  check_scale_bias_relu_inputs(x, scale, bias);
+  const cpu::Geometry g = cpu::geometry_of(x);
+  TORCH_CHECK(x.is_contiguous(g.format), op,
+              ": expected x dense in its memory format (NCHW-contiguous or channels_last), "
+              "got strides ", x.strides());
+  at::Tensor rc;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                    residual->device() == x.device(),
+                op, ": expected residual with x's shape ", x.sizes(), ", dtype and device, got ",
+                residual->sizes(), " ", residual->scalar_type());
+    rc = residual->contiguous(g.format);
+    TORCH_CHECK(!rc.is_alias_of(x) || rc.is_same(x), op,
+                ": residual must not overlap x (other than being x itself)");
+  }
+  // Autograd (and anyone holding x) sees the mutation; a no-op on inference tensors.
+  if (!c10::InferenceMode::is_enabled() || !x.is_inference()) {
+    x.unsafeGetTensorImpl()->bump_version();
+  }
+  if (g.numel == 0) return;
+  const int64_t len = g.rows_of_channels ? g.period : g.C;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const std::vector<opmath_t> s = cpu::per_channel<opmath_t>(scale, len);
+    const std::vector<opmath_t> b = cpu::per_channel<opmath_t>(bias, len);
+    scalar_t* xp = x.mutable_data_ptr<scalar_t>();
+    const scalar_t* rp = rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr;
+    cpu::for_each_span(
+        g,
+        [&](int64_t r0, int64_t r1) {
+          const int64_t off = r0 * g.inner;
+          if (rp) {
+            rows_inplace<scalar_t, opmath_t, true>(xp + off, rp + off, s.data(), b.data(), g.C,
+                                                   r0 % g.C, g.inner, r1 - r0);
+          } else {
+            rows_inplace<scalar_t, opmath_t, false>(xp + off, nullptr, s.data(), b.data(), g.C,
+                                                    r0 % g.C, g.inner, r1 - r0);
+          }
+        },
+        [&](int64_t off, int64_t n) {
+          if (rp) {
+            periods_inplace<scalar_t, opmath_t, true>(xp + off, rp + off, s.data(), b.data(),
+                                                      g.period, n);
+          } else {
+            periods_inplace<scalar_t, opmath_t, false>(xp + off, nullptr, s.data(), b.data(),
+                                                       g.period, n);
+          }
+        });
+  });
+}
+
 }  // namespace
 }  // namespace sdkernels
 
 TORCH_LIBRARY_IMPL(sdkernels, CPU, m) {
   m.impl("scale_bias_relu", &sdkernels::scale_bias_relu_cpu);
+  m.impl("scale_bias_relu_", &sdkernels::scale_bias_relu_inplace_cpu);
+}
+
+// scale_bias_relu_ is an eval-time op: no autograd formula (it raises when a gradient
+// would be needed); the kernel bumps x's version counter itself.
+TORCH_LIBRARY_IMPL(sdkernels, Autograd, m) {
+  m.impl("scale_bias_relu_", torch::autograd::autogradNotImplementedFallback());
 }

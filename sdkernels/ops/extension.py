@@ -43,6 +43,7 @@ _SBR = "sdkernels::scale_bias_relu"
 _REDUCE = "sdkernels::relu_bn_backward_reduce"
 _APPLY = "sdkernels::bn_backward_apply"
 _RELAYOUT = "sdkernels::relayout"
+_SBR_INPLACE = "sdkernels::scale_bias_relu_"
 _BRANCH_FWD = "sdkernels::residual_branch_forward"
 _BRANCH_BWD = "sdkernels::residual_branch_backward"
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -357,6 +358,13 @@ def _register_branch_ops() -> None:
 
     Their Autograd kernels (not differentiable) are registered in C++.
     """
+
+    @torch.library.register_fake(_SBR_INPLACE)
+    def _scale_bias_relu_inplace_fake(x, scale, bias, residual=None):
+        _check_x(_SBR_INPLACE, x)
+        _check_scale_bias(_SBR_INPLACE, scale, bias, x)
+        if residual is not None:
+            _check_like_x(_SBR_INPLACE, "residual", residual, x)
 
     @torch.library.register_fake(_RELAYOUT)
     def _relayout_fake(x, channels_last):
