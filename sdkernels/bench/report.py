@@ -76,13 +76,13 @@ def format_table(rec: dict) -> str:
                          f"{meas['sdkernels_vs_all_active']:.3f}")
         if "all_active_vs_constant" in meas:
             lines.append(f"  sdkernels all-active / constant: {meas['all_active_vs_constant']:.3f}"
-                         f" (overhead of surviving blocks)")
+                         f" (surviving blocks' cost against plain ones: fused kernels < 1)")
     if "comparison" in rec:
         c = rec["comparison"]
         ok = "within" if c["within_tolerance"] else "NOT within"
         lines.append(f"measured ratio {c['measured']:.3f} vs time-weighted prediction "
-                     f"{c['predicted']:.3f}: |diff| = {c['abs_diff']:.3f}, {ok} "
-                     f"{c['tolerance']}")
+                     f"{c['predicted']:.3f} (predicted step / constant step): "
+                     f"|diff| = {c['abs_diff']:.3f}, {ok} {c['tolerance']}")
     if rec.get("noise_warning"):
         lines.append(f"WARNING: {rec['noise_warning']}")
     if rec.get("sweep"):
