@@ -118,9 +118,9 @@ def conv_bn_relu(owner: nn.Module, conv: nn.Module, bn: nn.Module, relu: nn.Modu
                            tuple(conv.dilation), conv.groups, bn.weight, bn.bias, rm, rv,
                            momentum, bn.eps)
         return ops.fused_block.conv_bn_relu_train(x, stage, ops.fused_block.extension_kernels())
-    if torch.is_grad_enabled() and any(p.requires_grad for p in (*conv.parameters(),
-                                                                 *bn.parameters())):
-        return relu(bn(conv(x)))  # folded weights have no autograd
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for p in (*conv.parameters(), *bn.parameters()))):
+        return relu(bn(conv(x)))  # folded weights and the in-place epilogue have no autograd
     if bn.running_mean is None or bn.running_var is None:
         return relu(bn(conv(x)))
     return inference.conv_bn_relu_eval(owner, conv, bn, x)
@@ -308,8 +308,9 @@ class StochasticDepthBlock(nn.Module):
             if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
                 return None  # BN raises on one value per channel; let the module say so
             return backend, "train"
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            return None  # folded weights have no autograd
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in self.parameters())):
+            return None  # folded weights and the in-place epilogue have no autograd
         if not inference.can_fold(self) or any(b.training for _, b in stages):
             return None
         return backend, "eval"

@@ -360,3 +360,13 @@ def test_reverted_cifar_resnet_runs_plain_stem():
     m = cifar_resnet(20).train()
     assert stem_output_kind(m) == "_ConvBNReLUFnBackward"
     assert stem_output_kind(sdkernels.revert(m)) == "ReluBackward0"
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_double_backward_raises(kernels):
+    block = _block("basic", "identity")
+    x = torch.rand(3, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = ops.residual_branch_train(x, None, block._train_stages(), 1.0, backend=kernels)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()

@@ -209,3 +209,30 @@ def test_scale_bias_relu_inplace_opcheck(with_res):
     res = torch.randn(2, 3, 5, 4) if with_res else None
     torch.library.opcheck(torch.ops.sdkernels.scale_bias_relu_.default,
                           (x, torch.rand(3) + 0.5, torch.randn(3), res))
+
+
+@ext_only
+def test_scale_bias_relu_inplace_refuses_autograd():
+    w = torch.randn(2, 3, 4, 4, requires_grad=True)
+    y = w * 1.0
+    with pytest.raises(RuntimeError, match="sdkernels::scale_bias_relu_: not differentiable"):
+        torch.ops.sdkernels.scale_bias_relu_(y, torch.ones(3), torch.zeros(3))
+    with torch.no_grad():
+        torch.ops.sdkernels.scale_bias_relu_(y, torch.ones(3), torch.zeros(3))
+
+
+@ext_only
+def test_frozen_eval_model_input_gradients_match_modules():
+    """Saliency / adversarial use: frozen eval model, gradient w.r.t. the input."""
+    from sdkernels.models import cifar_resnet
+    m = cifar_resnet(8, p_last=0.5).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    ref = copy.deepcopy(m)
+    x1 = torch.randn(2, 3, 16, 16, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    with sdkernels.use_backend("extension"):
+        m(x1).square().sum().backward()
+    with sdkernels.use_backend("reference"):
+        ref(x2).square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)

@@ -342,11 +342,12 @@ struct ApplyCoef {
   std::vector<acc_t> a, b, d, mean;
 };
 
-// NCHW rows: `nrows` rows of `inner` values, the first of channel c0.
+// NCHW rows: `nrows` rows of `inner` values, the first of channel c0. gy may be go
+// itself (bn_backward_apply_into), so those two are not __restrict__.
 template <bool kHasOut, typename scalar_t, typename acc_t>
 SDKERNELS_CPU_CLONES
-void apply_rows(const scalar_t* __restrict__ go, const scalar_t* __restrict__ out,
-                const scalar_t* __restrict__ y, scalar_t* __restrict__ gy,
+void apply_rows(const scalar_t* go, const scalar_t* __restrict__ out,
+                const scalar_t* __restrict__ y, scalar_t* gy,
                 const acc_t* __restrict__ a, const acc_t* __restrict__ b,
                 const acc_t* __restrict__ d, const acc_t* __restrict__ mean, int64_t C,
                 int64_t c0, int64_t inner, int64_t nrows) {
@@ -365,8 +366,8 @@ void apply_rows(const scalar_t* __restrict__ go, const scalar_t* __restrict__ ou
 // Channels last: n values from a period boundary, coefficients tiled to the period P.
 template <bool kHasOut, typename scalar_t, typename acc_t>
 SDKERNELS_CPU_CLONES
-void apply_periods(const scalar_t* __restrict__ go, const scalar_t* __restrict__ out,
-                   const scalar_t* __restrict__ y, scalar_t* __restrict__ gy,
+void apply_periods(const scalar_t* go, const scalar_t* __restrict__ out,
+                   const scalar_t* __restrict__ y, scalar_t* gy,
                    const acc_t* __restrict__ a, const acc_t* __restrict__ b,
                    const acc_t* __restrict__ d, const acc_t* __restrict__ mean, int64_t P,
                    int64_t n) {

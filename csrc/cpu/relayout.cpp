@@ -31,6 +31,18 @@ namespace {
 
 constexpr int64_t kTile = 32;
 
+// The values are moved as raw 2/4/8-byte words; may_alias keeps that legal under strict
+// aliasing for tensors holding float, half, bfloat16 or integer data.
+#if defined(__GNUC__) || defined(__clang__)
+using word16 = uint16_t __attribute__((may_alias));
+using word32 = uint32_t __attribute__((may_alias));
+using word64 = uint64_t __attribute__((may_alias));
+#else
+using word16 = uint16_t;
+using word32 = uint32_t;
+using word64 = uint64_t;
+#endif
+
 // dst[k * R + r] = src[r * K + k] for r in [r0, r1), k in [k0, k1). One side is always
 // walked with a stride; it is the side with the shorter one (a stride of K = H*W values
 // maps a tile's rows onto the same few L1 sets, which thrashes).
@@ -55,7 +67,7 @@ void transpose_tile(const T* __restrict__ src, T* __restrict__ dst, int64_t R, i
 #define SDKERNELS_AVX2_TRANSPOSE 1
 // 8x8 blocks of 32-bit values in AVX2 registers: the scalar loop moves one value per
 // load/store pair, which is what made both ATen's copy and the tile loop slow here.
-__attribute__((target("avx2"))) void transpose_tile_avx2(const uint32_t* src, uint32_t* dst,
+__attribute__((target("avx2"))) void transpose_tile_avx2(const word32* src, word32* dst,
                                                          int64_t R, int64_t K, int64_t r0,
                                                          int64_t r1, int64_t k0, int64_t k1) {
   const int64_t r8 = r0 + (r1 - r0) / 8 * 8, k8 = k0 + (k1 - k0) / 8 * 8;
@@ -111,23 +123,23 @@ void batched_transpose(const void* src, void* dst, int64_t batch, int64_t R, int
       const int64_t off = b * R * K;
       switch (esize) {
         case 2:
-          transpose_tile(static_cast<const uint16_t*>(src) + off,
-                         static_cast<uint16_t*>(dst) + off, R, K, r0, r1, k0, k1);
+          transpose_tile(static_cast<const word16*>(src) + off,
+                         static_cast<word16*>(dst) + off, R, K, r0, r1, k0, k1);
           break;
         case 4:
 #ifdef SDKERNELS_AVX2_TRANSPOSE
           if (have_avx2()) {
-            transpose_tile_avx2(static_cast<const uint32_t*>(src) + off,
-                                static_cast<uint32_t*>(dst) + off, R, K, r0, r1, k0, k1);
+            transpose_tile_avx2(static_cast<const word32*>(src) + off,
+                                static_cast<word32*>(dst) + off, R, K, r0, r1, k0, k1);
             break;
           }
 #endif
-          transpose_tile(static_cast<const uint32_t*>(src) + off,
-                         static_cast<uint32_t*>(dst) + off, R, K, r0, r1, k0, k1);
+          transpose_tile(static_cast<const word32*>(src) + off,
+                         static_cast<word32*>(dst) + off, R, K, r0, r1, k0, k1);
           break;
         default:
-          transpose_tile(static_cast<const uint64_t*>(src) + off,
-                         static_cast<uint64_t*>(dst) + off, R, K, r0, r1, k0, k1);
+          transpose_tile(static_cast<const word64*>(src) + off,
+                         static_cast<word64*>(dst) + off, R, K, r0, r1, k0, k1);
       }
     }
   });

@@ -8,7 +8,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -93,10 +94,11 @@ at::Tensor scale_bias_relu_cpu(const at::Tensor& x, const at::Tensor& scale,
 // scale_bias_relu_: x = relu(x * scale[c] + bias[c] (+ residual)) in place. The eval
 // epilogue after a plain convolution: writing into the convolution's own output saves
 // allocating a fresh activation per stage, whose first touch (page faults) costs more
-// than the pass itself on CPU. x is read and written at the same index only.
+// than the pass itself on CPU. x is read and written at the same index only; the
+// residual may be x itself, so neither pointer is __restrict__.
 template <typename scalar_t, typename opmath_t, bool kRes>
 SDKERNELS_CPU_CLONES
-void rows_inplace(scalar_t* x, const scalar_t* __restrict__ r, const opmath_t* __restrict__ s,
+void rows_inplace(scalar_t* x, const scalar_t* r, const opmath_t* __restrict__ s,
                   const opmath_t* __restrict__ b, int64_t C, int64_t c0, int64_t inner,
                   int64_t nrows) {
   int64_t c = c0;
@@ -114,7 +116,7 @@ void rows_inplace(scalar_t* x, const scalar_t* __restrict__ r, const opmath_t* _
 
 template <typename scalar_t, typename opmath_t, bool kRes>
 SDKERNELS_CPU_CLONES
-void periods_inplace(scalar_t* x, const scalar_t* __restrict__ r,
+void periods_inplace(scalar_t* x, const scalar_t* r,
                      const opmath_t* __restrict__ s, const opmath_t* __restrict__ b, int64_t P,
                      int64_t n) {
   for (int64_t p = 0; p < n; p += P) {
@@ -190,8 +192,34 @@ TORCH_LIBRARY_IMPL(sdkernels, CPU, m) {
   m.impl("scale_bias_relu_", &sdkernels::scale_bias_relu_inplace_cpu);
 }
 
-// scale_bias_relu_ is an eval-time op: no autograd formula (it raises when a gradient
-// would be needed); the kernel bumps x's version counter itself.
+namespace sdkernels {
+namespace {
+
+// scale_bias_relu_ is an eval-time op without a derivative. autograd's not-implemented
+// fallback attaches nothing to an op returning (), which would leave x's old grad_fn in
+// place and give silently wrong gradients; so with grad mode on and any input requiring
+// grad this raises, and otherwise it goes straight to the backend kernel (which bumps
+// x's version counter itself).
+void scale_bias_relu_inplace_autograd(const at::Tensor& x, const at::Tensor& scale,
+                                      const at::Tensor& bias,
+                                      const std::optional<at::Tensor>& residual) {
+  const bool needs_grad =
+      x.requires_grad() || scale.requires_grad() || bias.requires_grad() ||
+      (residual.has_value() && residual->defined() && residual->requires_grad());
+  TORCH_CHECK(!(at::GradMode::is_enabled() && needs_grad),
+              "sdkernels::scale_bias_relu_: not differentiable (an in-place eval epilogue); "
+              "call it under torch.no_grad() or on tensors that do not require grad");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sdkernels::scale_bias_relu_", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&)>();
+  op.call(x, scale, bias, residual);
+}
+
+}  // namespace
+}  // namespace sdkernels
+
 TORCH_LIBRARY_IMPL(sdkernels, Autograd, m) {
-  m.impl("scale_bias_relu_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("scale_bias_relu_", &sdkernels::scale_bias_relu_inplace_autograd);
 }

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import reference
 
@@ -144,6 +145,7 @@ class _ResidualBranchFn(torch.autograd.Function):
             return _ResidualBranchFn._forward(ctx, x, residual, spec, *params)
 
     @staticmethod
+    @once_differentiable  # double backward raises instead of silently missing terms
     def backward(ctx, grad_out):
         with torch._C._AutoDispatchBelowAutograd():
             return _ResidualBranchFn._backward(ctx, grad_out)
@@ -186,7 +188,6 @@ class _ResidualBranchFn(torch.autograd.Function):
             memory_format=_layout(x))
         ctx.spec = spec
         ctx.identity = residual is None
-        ctx.residual_meta = None if residual is None else (_layout(residual),)
         ctx.save_for_backward(x, out, *ys, *stats, *params)
         ctx.n = len(stages)
         return out
@@ -270,13 +271,13 @@ class _CompiledBranchFn(torch.autograd.Function):
                 gate_scale)
         ctx.conv_args, ctx.gate_scale = conv_args, gate_scale
         ctx.identity = residual is None
-        ctx.residual_format = None if residual is None else _layout(residual)
         ctx.present = [(g is not None, b is not None) for g, b in zip(gammas, betas)]
         ctx.save_for_backward(x, out, *saved, *[p for p in params if p is not None])
         ctx.n = n
         return out
 
     @staticmethod
+    @once_differentiable  # double backward raises instead of silently missing terms
     def backward(ctx, grad_out):
         n = ctx.n
         saved = ctx.saved_tensors
@@ -381,6 +382,7 @@ class _ConvBNReLUFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # double backward raises instead of silently missing terms
     def backward(ctx, g):
         st, k = ctx.spec
         x, out, mean, invstd, w, gamma, beta = ctx.saved_tensors
