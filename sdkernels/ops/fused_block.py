@@ -22,6 +22,12 @@ Layout: 4-D inputs are computed in channels_last internally (oneDNN's and cuDNN'
 layout); the output keeps the input's layout. Gradients for the input come back in
 channels_last, which autograd accepts and the previous block consumes as is.
 
+On CPU with the extension the same decomposition runs as two compiled calls
+(``_CompiledBranchFn`` -> ``sdkernels::residual_branch_forward`` / ``_backward``,
+csrc/cpu/residual_branch.cpp), which also keep the input gradient in x's layout and
+reuse backward buffers in place; ``_ResidualBranchFn`` below is the op-by-op version
+(CUDA, Triton, and the reference ops that serve as its oracle in tests).
+
 With the Triton kernels (``triton_kernels``) each convolution also emits its output's
 BN statistics from its epilogue and applies the previous stage's scale-bias-ReLU while
 loading its input, so a_i is never written in forward (DESIGN 5); backward is the same.
