@@ -377,7 +377,9 @@ def test_conv_bn_stats(conv, prologue):
     var_t, mean_t = torch.var_mean(ry, dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), mean_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.double(), var_t, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mean.double(), rmean)
+    # The kernel's statistics are float32: compare at float32 precision (float64's
+    # default 1e-7 failed by 2e-7 on an AVX2 machine, on the code before and after).
+    torch.testing.assert_close(mean.double(), rmean, rtol=1.3e-6, atol=1e-6)
     assert mean.dtype == var.dtype == torch.float32
 
 
