@@ -428,11 +428,10 @@ def _register_branch_ops() -> None:
 
 
 def _branch_layout(x: torch.Tensor) -> torch.memory_format:
-    # as csrc/cpu/residual_branch.cpp: channels_last only when not also NCHW-contiguous
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    # as csrc/cpu/residual_branch.cpp and the Python branch: channels_last only when not
+    # also NCHW-contiguous
+    from .fused_block import _layout
+    return _layout(x)
 
 
 if _C is not None and not getattr(_C, "_sdkernels_python_registered", False):

@@ -317,16 +317,13 @@ def _compiled_branch_ok(x: torch.Tensor, stages: Sequence[ConvBN], kernels: Kern
     return len(tracked) == 1 and all(st.weight.dim() == 4 for st in stages)
 
 
-def _compiled_branch(x, residual, stages, ws, gate_scale):
+def _compiled_branch(x, residual, stages, params, gate_scale):
     conv_args = ([v for st in stages for v in st.stride], [v for st in stages for v in st.padding],
                  [v for st in stages for v in st.dilation], [st.groups for st in stages])
     track = stages[0].running_mean is not None
     bn_args = ([st.running_mean for st in stages] if track else [],
                [st.running_var for st in stages] if track else [],
                [float(st.momentum) for st in stages], [float(st.eps) for st in stages])
-    params = []
-    for st, w in zip(stages, ws):
-        params += [w, st.bn_weight, st.bn_bias]
     return _CompiledBranchFn.apply(x, residual, conv_args, bn_args, float(gate_scale), *params)
 
 
@@ -353,15 +350,14 @@ def residual_branch_train(x: torch.Tensor, residual: Optional[torch.Tensor],
         if residual is not None and residual.dtype != x.dtype:
             residual = residual.to(x.dtype)
         ws = [st.weight for st in stages]
+    params = []
+    for st, w in zip(stages, ws):
+        params += [w, st.bn_weight, st.bn_bias]
     with torch.autocast(dev, enabled=False):
         if _compiled_branch_ok(x, stages, kernels):
-            return _compiled_branch(x, residual, stages, ws, gate_scale)
-        params = []
-        for st, w in zip(stages, ws):
-            params += [w, st.bn_weight, st.bn_bias]
+            return _compiled_branch(x, residual, stages, params, gate_scale)
         spec = (tuple(stages), kernels, float(gate_scale), torch.channels_last)
         return _ResidualBranchFn.apply(x, residual, spec, *params)
-
 
 
 class _ConvBNReLUFn(torch.autograd.Function):
