@@ -21,7 +21,7 @@ Executors, per device:
   op ``sdkernels::scale_bias_relu_`` (bias+ReLU, or bias + residual + ReLU) written into
   the convolution's own output; activations in channels_last. Measured on an AVX2 CPU,
   oneDNN's fused post-ops (``mkldnn._convolution_pointwise``) made the convolution itself
-  7-60% slower than a plain one (bias+ReLU least, bias+add+ReLU most), and every fresh
+  7-70% slower than a plain one (bias+ReLU least, bias+add+ReLU most), and every fresh
   activation costs its page faults (~1.4 ms per 4 MiB here), so one in-place pass wins.
 * CUDA: cuDNN convolutions with the folded weights, then the extension's fused
   bias(+residual)+ReLU epilogue ops.
