@@ -142,26 +142,34 @@ def _fold_one(conv: nn.Conv2d, bn, gate_scale, dtype) -> FoldedConv:
 def fold_block(block, gate_scale: float, dtype: torch.dtype,
                device: torch.device) -> FoldedBlock:
     """The block's folded eval form, from its cache when nothing changed."""
-    key = _key(block, gate_scale, dtype, device)
-    cached = block.__dict__.get(_CACHE_ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    with torch.no_grad():
-        stages = block._conv_bn_stages()
-        convs = [_fold_one(c, b, gate_scale if i == len(stages) - 1 else 1.0, dtype)
-                 for i, (c, b) in enumerate(stages)]
-        m = block.shortcut_module
-        from .blocks import _is_identity
-        if _is_identity(m):
-            shortcut = ("identity",)
-        elif _projection(m) is not None:
-            pc, pb = _projection(m)
-            shortcut = ("projection", _fold_one(pc, pb, 1.0, dtype))
-        else:
-            shortcut = ("module", m)
-    fb = FoldedBlock(convs, shortcut)
-    block.__dict__[_CACHE_ATTR] = (key, fb)
-    return fb
+    return _cached(block, _CACHE_ATTR, _key(block, gate_scale, dtype, device),
+                   lambda: _fold_block(block, gate_scale, dtype))
+
+
+def _cached(owner: nn.Module, attr: str, key, build):
+    """owner's cached value under ``attr`` when its key matches, else ``build()`` (stored)."""
+    cached = owner.__dict__.get(attr)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, build())
+        owner.__dict__[attr] = cached
+    return cached[1]
+
+
+def _fold_block(block, gate_scale: float, dtype: torch.dtype) -> FoldedBlock:
+    stages = block._conv_bn_stages()
+    convs = [_fold_one(c, b, gate_scale if i == len(stages) - 1 else 1.0, dtype)
+             for i, (c, b) in enumerate(stages)]
+    m = block.shortcut_module
+    from .blocks import _is_identity
+    if _is_identity(m):
+        shortcut = ("identity",)
+    elif _projection(m) is not None:
+        pc, pb = _projection(m)
+        shortcut = ("projection", _fold_one(pc, pb, 1.0, dtype))
+    else:
+        shortcut = ("module", m)
+    return FoldedBlock(convs, shortcut)
 
 
 def clear_cache(model: nn.Module) -> None:
@@ -279,13 +287,8 @@ def conv_bn_relu_eval(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
-    key = _stages_key([(conv, bn)], 1.0, dtype, x.device)
-    cached = owner.__dict__.get(_STEM_CACHE_ATTR)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, _fold_one(conv, bn, 1.0, dtype))
-        owner.__dict__[_STEM_CACHE_ATTR] = cached
-    fc = cached[1]
+    fc = _cached(owner, _STEM_CACHE_ATTR, _stages_key([(conv, bn)], 1.0, dtype, x.device),
+                 lambda: _fold_one(conv, bn, 1.0, dtype))
     with torch.autocast(x.device.type, enabled=False):
         if x.device.type == "cpu":
             return _epilogue_(_conv(xc, fc, bias=False), fc)
