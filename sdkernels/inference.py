@@ -22,7 +22,7 @@ Executors, per device:
   the convolution's own output; activations in channels_last. Measured on an AVX2 CPU,
   oneDNN's fused post-ops (``mkldnn._convolution_pointwise``) made the convolution itself
   7-70% slower than a plain one (bias+ReLU least, bias+add+ReLU most), and every fresh
-  activation costs its page faults (~1.4 ms per 4 MiB here), so one in-place pass wins.
+  activation costs its page faults (1.4-2 ms per 4 MiB here), so one in-place pass wins.
 * CUDA: cuDNN convolutions with the folded weights, then the extension's fused
   bias(+residual)+ReLU epilogue ops.
 * Triton (``use_backend("triton")``): the whole block as implicit-GEMM convolutions
@@ -181,13 +181,6 @@ def clear_cache(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Executors
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is stored that way (and not also plain contiguous)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
 
 def _conv(x, c: FoldedConv, bias=True):
     return F.conv2d(x, c.weight, c.bias.to(x.dtype) if bias else None, c.stride, c.padding,

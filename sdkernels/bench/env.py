@@ -48,4 +48,8 @@ def environment(device) -> dict:
         "cuda": torch.version.cuda,
         "backend": info.active.get(device.type, "?"),
         "backend_info": str(info),
+        # glibc settings that decide whether freed memory is handed back to the OS (and
+        # page-faulted in again on the next step): CPU timings depend on them.
+        "allocator_env": {k: v for k, v in os.environ.items()
+                          if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")},
     }
