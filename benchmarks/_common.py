@@ -33,6 +33,7 @@ def maybe_backend(name: str | None):
 def extra_info(dev: torch.device, **kw) -> dict:
     env = environment(dev)
     info = {"device": env["device_name"], "torch": env["torch"], "triton": env["triton"],
-            "python": env["python"], "threads": env["torch_threads"]}
+            "python": env["python"], "threads": env["torch_threads"],
+            "allocator_env": env["allocator_env"]}
     info.update(kw)
     return info

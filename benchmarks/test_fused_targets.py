@@ -10,7 +10,7 @@ at tiny sizes and checks only that the fused path ran and agrees with eager.
 Every row also shows the process's minor page faults per step: on VMs a first touch of
 fresh memory costs ~2 us per 4 KiB page, and glibc may hand freed activations back to the
 OS between steps, so a variant that happened to fault can look 30% slower. The same
-command with ``MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_MMAP_THRESHOLD_=1000000000`` in
+command with ``MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_MMAP_THRESHOLD_=33554432`` in
 front keeps freed memory and times every variant without faults (README, "Page faults").
 
 CPU cases (float32, one process):
@@ -244,17 +244,20 @@ def _folded_plain(model):
     so that what the fusion adds over folding alone shows on this machine.
     """
     from sdkernels import inference
-    w, b = inference.fold_conv_bn(model.conv1.weight, model.bn1)
+    stem = model.conv1
+    w, b = inference.fold_conv_bn(stem.weight, model.bn1)
     w = w.contiguous(memory_format=torch.channels_last)
     blocks = [blk for layer in (model.layer1, model.layer2, model.layer3) for blk in layer]
-    assert all(blk.scaling == "train" for blk in blocks)  # eval gate scale 1
+    # the eval gate scale each block's own eval path folds in (blocks.py)
+    gates = [float(blk.survival_prob) if blk.scaling == "test" else 1.0 for blk in blocks]
 
     def forward(x):
         h = torch.relu(torch.nn.functional.conv2d(
-            x.contiguous(memory_format=torch.channels_last), w, b, 1, 1))
-        for blk in blocks:
+            x.contiguous(memory_format=torch.channels_last), w, b.to(x.dtype), stem.stride,
+            stem.padding, stem.dilation, stem.groups))
+        for blk, gate in zip(blocks, gates):
             h = inference.block_eval_reference(
-                inference.fold_block(blk, 1.0, h.dtype, h.device), h)
+                inference.fold_block(blk, gate, h.dtype, h.device), h)
         return model.fc(torch.flatten(model.avgpool(h), 1))
     return forward
 

@@ -41,6 +41,7 @@ def _extra_info(s) -> dict:
         "depth": s.depth, "p_last": P_LAST, "schedule": SCHEDULE, "mode": MODE,
         "torch": env["torch"], "triton": env["triton"], "python": env["python"],
         "backend": env["backend"], "threads": env["torch_threads"],
+        "allocator_env": env["allocator_env"],
     }
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import mmap
-import sys
 
 import pytest
 
@@ -12,16 +11,22 @@ from sdkernels.bench.timing import interleaved_timing, minor_faults, summarize
 PAGE = mmap.PAGESIZE
 
 
-def _touch_fresh(nbytes: int):
-    # A fresh anonymous mapping, written once per page: every page is a first touch, so
-    # the step faults at least nbytes / PAGE times whatever malloc would have done.
-    def step(*_):
-        m = mmap.mmap(-1, nbytes)
-        for off in range(0, nbytes, PAGE):
-            m[off] = 1
-        m.close()
-        return "touched"
-    return step
+def _touch(nbytes: int) -> None:
+    # A fresh private anonymous mapping written once per page: every page is a first
+    # touch, whatever malloc would have done.
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for off in range(0, nbytes, PAGE):
+        m[off] = 1
+    m.close()
+
+
+def _faults_are_counted() -> bool:
+    """Whether this kernel reports first touches as minor faults (gVisor, for one, does not)."""
+    f0 = minor_faults()
+    if f0 is None:
+        return False
+    _touch(64 * PAGE)
+    return minor_faults() - f0 >= 4  # one per page, or per large folio with mTHP
 
 
 def test_interleaved_timing_records_times_outputs_and_rotation():
@@ -35,18 +40,23 @@ def test_interleaved_timing_records_times_outputs_and_rotation():
     assert last == {"a": ("a", 1, 2), "b": ("b", 1, 2), "c": ("c", 1, 2)}  # round 2: batch 0
     # warm-up a b c, then rounds rotated by one each
     assert order == list("abc") + list("abc") + list("bca") + list("cab")
-    assert set(faults) == set(steps)
+    if minor_faults() is not None:
+        assert {k: len(v) for k, v in faults.items()} == {"a": 3, "b": 3, "c": 3}
+    else:
+        assert faults == {"a": [], "b": [], "c": []}
 
 
-@pytest.mark.skipif(minor_faults() is None, reason="no resource module on this platform")
+@pytest.mark.skipif(not _faults_are_counted(), reason="this platform does not count page faults")
 def test_interleaved_timing_counts_page_faults_per_variant():
-    nbytes = 256 * PAGE
+    pages = 256
     faults = {}
-    interleaved_timing({"touch": _touch_fresh(nbytes), "idle": lambda *_: None},
+    interleaved_timing({"touch": lambda *_: _touch(pages * PAGE), "idle": lambda *_: None},
                        [(None, None)], rounds=3, warmup=0, faults=faults)
     assert len(faults["touch"]) == 3 and len(faults["idle"]) == 3
-    assert min(faults["touch"]) >= nbytes // PAGE
-    assert max(faults["idle"]) < nbytes // PAGE // 4
+    # one fault per page, or one per folio where the kernel maps large folios (mTHP):
+    # pages // 16 allows folios of up to 64 KiB
+    assert min(faults["touch"]) >= pages // 16
+    assert min(faults["touch"]) > max(faults["idle"])
 
 
 def test_interleaved_timing_rejects_bad_arguments():
@@ -63,7 +73,6 @@ def test_summarize_median_and_quartiles():
         summarize([])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
 def test_environment_records_allocator_settings(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000000")
     monkeypatch.delenv("LD_PRELOAD", raising=False)

@@ -152,7 +152,7 @@ def interleaved_timing(steps: Mapping[str, Callable], inputs: Sequence[tuple], *
             shift = r % len(names) if rotate else 0
             for n in names[shift:] + names[:shift]:
                 res: list = []
-                f0 = minor_faults()
+                f0 = minor_faults() if faults is not None else None
                 t = time_step(steps[n], x, y, device=device, out=res)
                 times[n].append(t)
                 if faults is not None and f0 is not None:
