@@ -168,29 +168,45 @@ def test_saves_three_activations_per_block():
 
 
 @ext_only
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shortcut", ["identity", "optionA", "projection"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_error_at_most_twice_eager(dtype):
-    torch.manual_seed(3)
-    block64 = _block("basic", "identity", dtype=torch.float64)
-    x64 = torch.rand(8, 8, 8, 8, dtype=torch.float64)
-    g64 = torch.randn(8, 8, 8, 8, dtype=torch.float64)
+def test_low_precision_error_at_most_twice_eager(dtype, kind, shortcut, fmt):
+    # The accuracy bar: against a float64 run of the same block, the fused path's
+    # error in dtype is at most about twice PyTorch's own (the module path in dtype), for
+    # the output, the input gradient and every parameter gradient. Errors are pooled over
+    # several draws: in bfloat16 one draw's error of a per-channel BN gradient (8-32
+    # values) varied by up to 2.6x between the two paths either way, with a median ratio
+    # of 0.8-1.1, so a single draw tests luck, not accuracy.
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    sse = {"eager": {}, "fused": {}}
+    for seed in range(6):
+        torch.manual_seed(seed)
+        block64 = _block(kind, shortcut, dtype=torch.float64)
+        x64 = torch.rand(8, block64.conv1.in_channels, 9, 9, dtype=torch.float64)
+        x64 = x64.contiguous(memory_format=mf)
 
-    def run(backend, dt):
-        b = copy.deepcopy(block64).to(dt)
-        x = x64.to(dt).clone().requires_grad_()
-        with sdkernels.use_backend(backend):
-            y = b(x)
-        y.backward(g64.to(dt))
-        return [y.double(), x.grad.double(), b.conv1.weight.grad.double(),
-                b.bn2.weight.grad.double()]
-    exact = run("reference", torch.float64)
-    eager = run("reference", dtype)
-    fused = run("extension", dtype)
-    for name, e, a, f in zip(["out", "grad_x", "grad_w1", "grad_gamma2"], exact, eager, fused):
-        err_eager = (a - e).abs().max().item()
-        err_fused = (f - e).abs().max().item()
-        floor = 1e-6 * e.abs().max().item()
-        assert err_fused <= 2 * err_eager + floor, (name, err_fused, err_eager)
+        def run(backend, dt):
+            b = copy.deepcopy(block64).to(dt)
+            x = x64.to(dt).clone().requires_grad_()
+            with sdkernels.use_backend(backend):
+                y = b(x)
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed),
+                            dtype=torch.float64)
+            y.backward(g.to(dt))
+            grads = {f"grad {n}": p.grad.double() for n, p in b.named_parameters()}
+            return {"out": y.double(), "grad_x": x.grad.double(), **grads}
+        exact = run("reference", torch.float64)
+        for path, backend in (("eager", "reference"), ("fused", "extension")):
+            got = run(backend, dtype)
+            assert got.keys() == exact.keys()
+            for name, e in exact.items():
+                sse[path][name] = sse[path].get(name, 0.0) + (got[name] - e).pow(2).sum().item()
+    assert len(sse["fused"]) >= 8
+    for name, eager_sse in sse["eager"].items():
+        err_eager, err_fused = eager_sse ** 0.5, sse["fused"][name] ** 0.5
+        assert err_fused <= 2 * err_eager + 1e-12, (name, err_fused, err_eager)
 
 
 @ext_only
