@@ -25,6 +25,7 @@ import sdkernels
 from sdkernels.bench import (TOLERANCE, VARIANTS, BenchConfig, build_variants, environment,
                              make_inputs, make_train_step, run_comparison)
 from sdkernels.bench.report import format_table
+from sdkernels.bench.timing import minor_faults
 
 P_LAST, SCHEDULE, MODE, DTYPE = 0.5, "linear", "batch", "float32"
 
@@ -86,6 +87,8 @@ def test_ratio_matches_time_weighted_prediction(benchmark, net_settings, capsys)
     with capsys.disabled():  # the table is the point of this test: show it without -s
         print("\n" + format_table(rec))
     assert all(math.isfinite(v["final_loss"]) for v in rec["variants"].values())
+    if minor_faults() is not None:  # each variant's page faults are part of its record
+        assert all(v["faults_per_step"] >= 0 for v in rec["variants"].values())
     assert math.isfinite(c["measured"]) and math.isfinite(c["predicted"]), c
     if not s.timing:
         return  # smoke run (--benchmark-disable): tiny settings, the numbers mean nothing

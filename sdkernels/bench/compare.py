@@ -132,9 +132,14 @@ def _run(cfg: BenchConfig, progress) -> dict:
             gates.append([b.last_gate for b in sd_blocks])
 
     last: dict = {}
+    faults: dict = {}
     times = interleaved_timing(steps, inputs, rounds=cfg.steps, warmup=cfg.warmup,
-                               device=device, on_step=on_step, progress=progress, last=last)
+                               device=device, on_step=on_step, progress=progress, last=last,
+                               faults=faults)
     stats = {n: dict(summarize(ts), times=ts) for n, ts in times.items()}
+    for n, fs in faults.items():  # page faults per step: see interleaved_timing
+        if fs:
+            stats[n]["faults_per_step"] = statistics.median(fs)
     for n, loss in last.items():  # the loss of each variant's last step (should be finite)
         stats[n]["final_loss"] = float(loss)
 

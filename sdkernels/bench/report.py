@@ -41,13 +41,16 @@ def format_table(rec: dict) -> str:
         f"{cfg['steps']} timed interleaved rounds after {cfg['warmup']} warm-up rounds",
         "",
         f"{'variant':<26}{'median ms':>10}{'IQR ms':>10}{'mean ms':>10}{'n':>5}"
-        f"{'paired/const':>14}",
+        f"{'paired/const':>14}{'faults/step':>13}",
     ]
     const = var.get("constant", {}).get("paired_centre")
     for name, s in var.items():
         rel = f"{s['paired_centre'] / const:14.3f}" if const else " " * 14
+        # minor page faults (median per step): ~2 us each on VMs, and unevenly shared
+        # between variants, so a time is read together with them
+        flt = f"{s['faults_per_step']:13.0f}" if "faults_per_step" in s else ""
         lines.append(f"{_label(name):<26}{_ms(s['median']):>10}{_ms(s['iqr']):>10}"
-                     f"{_ms(s['mean']):>10}{s['n']:>5}{rel}")
+                     f"{_ms(s['mean']):>10}{s['n']:>5}{rel}{flt}")
     lines.append("")
     if "saving_vs_constant" in meas:
         lines.append(f"measured saving vs constant depth: {meas['saving_vs_constant']:6.1%}"
