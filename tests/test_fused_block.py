@@ -59,6 +59,17 @@ def _run_pair(block, x, gate_scale, kernels):
     return (y, x1.grad, block), (y_ref, x2.grad, ref_block)
 
 
+def _autograd_names(y: torch.Tensor) -> set:
+    """Class names of every node in y's autograd graph."""
+    names, stack = set(), [y.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            stack += [f for f, _ in fn.next_functions]
+    return names
+
+
 def _assert_blocks_equal(b1, b2, **tol):
     for (n, p1), (_, p2) in zip(b1.named_parameters(), b2.named_parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, msg=lambda m: f"grad of {n}: {m}", **tol)
@@ -131,16 +142,9 @@ def test_block_uses_fused_path_and_matches(backend, mode):
         y = block(x1)
     with sdkernels.use_backend("reference"):
         y_ref = ref(x2)
-    names = set()
-    stack = [y.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is not None:
-            names.add(type(fn).__name__)
-            stack += [f for f, _ in fn.next_functions]
     # the compiled whole-branch ops on CPU, the op-by-op function elsewhere
     want = "_CompiledBranchFnBackward" if backend == "extension" else "_ResidualBranchFnBackward"
-    assert want in names
+    assert want in _autograd_names(y)
     torch.testing.assert_close(y, y_ref)
     y.sum().backward()
     y_ref.sum().backward()
@@ -176,25 +180,33 @@ def test_low_precision_error_at_most_twice_eager(dtype, kind, shortcut, fmt):
     # The issue's accuracy bar: against a float64 run of the same block, the fused path's
     # error in dtype is at most about twice PyTorch's own (the module path in dtype), for
     # the output, the input gradient and every parameter gradient. Errors are pooled over
-    # several draws: in bfloat16 one draw's error of a per-channel BN gradient (8-32
-    # values) varied by up to 2.6x between the two paths either way, with a median ratio
-    # of 0.8-1.1, so a single draw tests luck, not accuracy.
+    # 6 draws: exploring 8 draws, one draw's bfloat16 error of a per-channel BN gradient
+    # (8-32 values) differed between the two paths by up to 2.6x either way, with median
+    # ratios of 0.66-1.12, so a single draw tests luck, not accuracy. The pooled (L2)
+    # bar is backed by a max-abs bar on the output and input gradient, so an error
+    # confined to a few elements (a border pixel, a channel tail) still fails.
     mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
     sse = {"eager": {}, "fused": {}}
+    worst = {"eager": {}, "fused": {}}
     for seed in range(6):
         torch.manual_seed(seed)
         block64 = _block(kind, shortcut, dtype=torch.float64)
         x64 = torch.rand(8, block64.conv1.in_channels, 9, 9, dtype=torch.float64)
         x64 = x64.contiguous(memory_format=mf)
+        g64 = None
 
         def run(backend, dt):
+            nonlocal g64
             b = copy.deepcopy(block64).to(dt)
             x = x64.to(dt).clone().requires_grad_()
             with sdkernels.use_backend(backend):
                 y = b(x)
-            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed),
-                            dtype=torch.float64)
-            y.backward(g.to(dt))
+            if backend == "extension":
+                assert "_CompiledBranchFnBackward" in _autograd_names(y)
+            if g64 is None:
+                g64 = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1000),
+                                  dtype=torch.float64)
+            y.backward(g64.to(dt))
             grads = {f"grad {n}": p.grad.double() for n, p in b.named_parameters()}
             return {"out": y.double(), "grad_x": x.grad.double(), **grads}
         exact = run("reference", torch.float64)
@@ -202,11 +214,17 @@ def test_low_precision_error_at_most_twice_eager(dtype, kind, shortcut, fmt):
             got = run(backend, dtype)
             assert got.keys() == exact.keys()
             for name, e in exact.items():
-                sse[path][name] = sse[path].get(name, 0.0) + (got[name] - e).pow(2).sum().item()
+                d = got[name] - e
+                sse[path][name] = sse[path].get(name, 0.0) + d.pow(2).sum().item()
+                worst[path][name] = max(worst[path].get(name, 0.0), d.abs().max().item())
     assert len(sse["fused"]) >= 8
     for name, eager_sse in sse["eager"].items():
         err_eager, err_fused = eager_sse ** 0.5, sse["fused"][name] ** 0.5
+        # the floor only keeps 0 <= 0 true where eager happens to be exact
         assert err_fused <= 2 * err_eager + 1e-12, (name, err_fused, err_eager)
+    for name in ("out", "grad_x"):
+        assert worst["fused"][name] <= 4 * worst["eager"][name] + 1e-12, (
+            name, worst["fused"][name], worst["eager"][name])
 
 
 @ext_only
