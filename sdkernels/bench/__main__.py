@@ -26,7 +26,8 @@ plus FixedGates calibration copies (all blocks dropped, one stage active, all ac
 for the time-weighted prediction. All are timed interleaved: every round times one
 step of each, so machine noise hits them alike.
 
-Prints step times (median, IQR, mean), the measured saving of sdkernels against
+Prints step times (median, IQR, mean; minor page faults per step where the platform
+counts them), the measured saving of sdkernels against
 constant depth and against naive stochastic depth, and two predictions of the saving:
 FLOP-weighted (analytic conv FLOPs) and time-weighted (fixed part + sum over blocks of
 p_l times that block's measured time). Ratios are of medians over the timed steps

@@ -41,7 +41,8 @@ def format_table(rec: dict) -> str:
         f"{cfg['steps']} timed interleaved rounds after {cfg['warmup']} warm-up rounds",
         "",
         f"{'variant':<26}{'median ms':>10}{'IQR ms':>10}{'mean ms':>10}{'n':>5}"
-        f"{'paired/const':>14}{'faults/step':>13}",
+        f"{'paired/const':>14}"
+        + (f"{'faults/step':>13}" if any("faults_per_step" in s for s in var.values()) else ""),
     ]
     const = var.get("constant", {}).get("paired_centre")
     for name, s in var.items():
