@@ -36,7 +36,7 @@ import torch
 
 import sdkernels
 from sdkernels.bench.memory import saved_bytes
-from sdkernels.bench.timing import interleaved_timing, synchronize
+from sdkernels.bench.timing import interleaved_timing, median_faults, synchronize
 from sdkernels.models import cifar_resnet
 from sdkernels.models import resnet as plain
 
@@ -81,10 +81,6 @@ def _interleave(benchmark, steps: dict, rounds: int, warmup: int):
     return times, out, faults
 
 
-def _median_faults(faults: dict) -> dict:
-    return {k: statistics.median(v) for k, v in faults.items() if v}
-
-
 def _time_rows(times: dict, faults: dict) -> list[tuple]:
     """Median time per variant, with its median page faults per step where counted.
 
@@ -92,7 +88,7 @@ def _time_rows(times: dict, faults: dict) -> list[tuple]:
     VMs, so a variant whose temporaries glibc hands back to the OS between steps pays
     for them again on every step (see README, "Page faults").
     """
-    mf = _median_faults(faults)
+    mf = median_faults(faults)
     return [(f"{k:<11}", f"{statistics.median(v) * 1e3:8.3f} ms")
             + ((f"{mf[k]:7.0f} faults/step",) if k in mf else ()) for k, v in times.items()]
 
@@ -152,7 +148,7 @@ def test_basic_block_training_step(benchmark, net_settings, capsys, c, hw, fmt):
     info = dict(dtype=str(dtype), shape=list(x.shape), layout=fmt, speedup=ratio,
                 conv_only_ceiling=ceiling,
                 medians_ms={k: statistics.median(v) * 1e3 for k, v in times.items()},
-                faults_per_step=_median_faults(faults))
+                faults_per_step=median_faults(faults))
     if "compile" in times:
         info["vs_compile"] = _paired_ratio(times, "compile", "sdkernels")
         rows.append(("vs compile", f"{info['vs_compile']:.3f}x"))
@@ -292,7 +288,7 @@ def test_resnet110_eval(benchmark, net_settings, capsys, fmt):
     benchmark.extra_info.update(extra_info(DEV, dtype="float32", shape=list(x.shape), layout=fmt,
                                            depth=depth, speedup=ratio,
                                            fold_cl_plain_speedup=fold_ratio,
-                                           faults_per_step=_median_faults(faults)))
+                                           faults_per_step=median_faults(faults)))
     benchmark.group = "fused-targets-resnet110-eval"
     _report(capsys, f"ResNet-{depth} eval forward {fmt} float32 batch {n}",
             _time_rows(times, faults)

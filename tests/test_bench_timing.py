@@ -6,7 +6,7 @@ import mmap
 import pytest
 
 from sdkernels.bench import environment
-from sdkernels.bench.timing import interleaved_timing, minor_faults, summarize
+from sdkernels.bench.timing import interleaved_timing, median_faults, minor_faults, summarize
 
 PAGE = mmap.PAGESIZE
 
@@ -57,6 +57,9 @@ def test_interleaved_timing_counts_page_faults_per_variant():
     # pages // 16 allows folios of up to 64 KiB
     assert min(faults["touch"]) >= pages // 16
     assert min(faults["touch"]) > max(faults["idle"])
+    med = median_faults(faults)
+    assert med["touch"] == sorted(faults["touch"])[1] and set(med) == {"touch", "idle"}
+    assert median_faults({"a": [], "b": [3, 1]}) == {"b": 2}
 
 
 def test_interleaved_timing_rejects_bad_arguments():

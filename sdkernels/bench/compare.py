@@ -19,7 +19,8 @@ from ..convert import convert, residual_blocks
 from ..schedule import survival_probs
 from . import predict
 from .env import environment
-from .timing import interleaved_timing, make_inputs, make_train_step, summarize
+from .timing import (interleaved_timing, make_inputs, make_train_step, median_faults,
+                     summarize)
 from .variants import CALIB_ALL, CALIB_NONE, VARIANTS, build_variants, calib_name
 
 __all__ = ["BenchConfig", "run_comparison", "TOLERANCE"]
@@ -137,9 +138,8 @@ def _run(cfg: BenchConfig, progress) -> dict:
                                device=device, on_step=on_step, progress=progress, last=last,
                                faults=faults)
     stats = {n: dict(summarize(ts), times=ts) for n, ts in times.items()}
-    for n, fs in faults.items():  # page faults per step: see interleaved_timing
-        if fs:
-            stats[n]["faults_per_step"] = statistics.median(fs)
+    for n, f in median_faults(faults).items():  # page faults per step: see interleaved_timing
+        stats[n]["faults_per_step"] = f
     for n, loss in last.items():  # the loss of each variant's last step (should be finite)
         stats[n]["final_loss"] = float(loss)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["make_train_step", "make_inputs", "time_step", "interleaved_timing", "summarize",
-           "synchronize", "minor_faults"]
+           "synchronize", "minor_faults", "median_faults"]
 
 
 def synchronize(device) -> None:
@@ -169,6 +169,11 @@ def interleaved_timing(steps: Mapping[str, Callable], inputs: Sequence[tuple], *
         if gc_was_enabled:
             gc.enable()
     return times
+
+
+def median_faults(faults: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """Median page faults per step of each variant that has counts (see ``faults=``)."""
+    return {n: statistics.median(fs) for n, fs in faults.items() if fs}
 
 
 def minor_faults() -> int | None:
