@@ -13,6 +13,13 @@ Backends, in order of preference for the automatic choice:
 The choice is made per device. A forced backend (:func:`use_backend`) that cannot run on
 a tensor's device is an error, never a silent switch; the automatic choice falls back
 to ``reference`` and warns once, saying why.
+
+On CUDA the automatic choice is ``reference`` (the modules, with real skipping of dropped
+blocks) until a GPU run recorded in the repository shows the fused extension path at
+least as fast as the module path and every ``gpu`` test passing: the fused CUDA ops have
+been compiled, linked and dry-run under fake tensors, but never timed on a GPU
+(docs/design.md, "Defaults follow evidence"). ``use_backend("extension")`` or
+``use_backend("triton")`` opts in; :func:`backend_info` says why.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["BACKENDS", "BackendInfo", "backend_info", "use_backend", "resolve_backend",
-           "BackendUnavailableError"]
+           "auto_reason", "BackendUnavailableError"]
 
 BACKENDS = ("extension", "triton", "reference")
 
@@ -32,6 +39,16 @@ BACKENDS = ("extension", "triton", "reference")
 # ContextVar.get in every block.
 _forced: str | None = None
 _auto: dict[str, str] = {}  # device type -> automatic choice, decided once
+
+# Device types whose fused paths a recorded GPU run has not yet shown to be at least as
+# fast as the module path (with every gpu test passing): the automatic choice there is
+# the module path. Remove an entry only together with the recorded run in
+# benchmarks/RESULTS.md that justifies it.
+_UNMEASURED_FUSED: dict[str, str] = {
+    "cuda": ("fused CUDA paths not yet measured on a GPU (no recorded run shows them at "
+             "least as fast as the module path); opt in with use_backend('extension') or "
+             "use_backend('triton')"),
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -100,7 +117,18 @@ def resolve_backend(device: torch.device | str) -> str:
     return choice
 
 
+def auto_reason(device_type: str) -> str:
+    """Why the automatic choice on ``device_type`` is what it is ("" when nothing to say)."""
+    if device_type in _UNMEASURED_FUSED:
+        return _UNMEASURED_FUSED[device_type]
+    ok, why = _status("extension", device_type)
+    return "" if ok else why
+
+
 def _choose(device_type: str) -> str:
+    if device_type in _UNMEASURED_FUSED:
+        # A deliberate default, not a fallback: no warning (backend_info says why).
+        return "reference"
     for name in ("extension",):
         if _status(name, device_type)[0]:
             return name
@@ -139,6 +167,8 @@ class BackendInfo:
     forced: str | None
     versions: dict[str, str] = field(default_factory=dict)
     extension_path: str | None = None
+    #: device type -> why the automatic choice there is what it is (cuda always listed)
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = ["sdkernels backends"]
@@ -150,6 +180,9 @@ class BackendInfo:
             lines.append(f"  {name:<10} " + "; ".join(parts))
         lines.append("  runs now: " + ", ".join(f"{d} -> {b}" for d, b in self.active.items())
                      + (f" (forced: {self.forced})" if self.forced else ""))
+        for dev, why in self.reasons.items():
+            if why:
+                lines.append(f"  automatic choice on {dev}: {why}")
         if self.extension_path:
             lines.append(f"  extension: {self.extension_path}")
         lines.append("  note: on extension/triton an active block trains as one fused, "
@@ -189,6 +222,7 @@ def backend_info() -> BackendInfo:
         versions["triton"] = "not installed"
     if torch.version.cuda:
         versions["cuda"] = torch.version.cuda
+    reasons = {d: auto_reason(d) for d in ("cpu", "cuda")}
     return BackendInfo(active=active, available=available, forced=_forced,
-                       versions=versions,
+                       versions=versions, reasons=reasons,
                        extension_path=extension.library_path() if extension.is_available() else None)

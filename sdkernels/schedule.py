@@ -6,7 +6,10 @@ linear decay is p_l = 1 - (l / L) (1 - p_L); ``uniform`` is p_l = p_L everywhere
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
+
+import torch
 
 __all__ = ["survival_probs", "expected_depth", "expected_work", "check_prob", "SCHEDULES"]
 
@@ -14,12 +17,20 @@ SCHEDULES = ("linear", "uniform")
 
 
 def check_prob(p, what: str = "survival probability") -> float:
-    """Validate a survival probability: a real number in (0, 1]."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        try:
-            p = float(p)  # numpy scalars, 0-dim tensors
-        except (TypeError, ValueError):
-            raise TypeError(f"{what} must be a number in (0, 1], got {p!r}") from None
+    """Validate a survival probability: a real number in (0, 1].
+
+    Real numbers only: Python and NumPy ints and floats, and one-element real tensors.
+    Strings and bools are refused rather than converted ('0.5' and True would otherwise
+    pass as 0.5 and 1.0 and hide a bug in the caller).
+    """
+    if isinstance(p, torch.Tensor):
+        if p.numel() != 1 or p.dtype == torch.bool or p.is_complex():
+            raise TypeError(f"{what} must be a real number in (0, 1], got a tensor of "
+                            f"shape {list(p.shape)} and dtype {p.dtype}")
+        p = p.item()
+    elif isinstance(p, bool) or not isinstance(p, numbers.Real):  # numpy's bool_ is no Real
+        raise TypeError(f"{what} must be a real number in (0, 1], got {p!r} "
+                        f"({type(p).__name__})")
     p = float(p)
     if not (0.0 < p <= 1.0) or math.isnan(p):
         raise ValueError(f"{what} must be in (0, 1], got {p}")

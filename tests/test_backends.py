@@ -79,3 +79,20 @@ def test_triton_backend_status_says_why(monkeypatch):
 
 def test_triton_never_chosen_automatically():
     assert sdkernels.backend_info().active["cpu"] != "triton"
+
+
+def test_cuda_default_is_module_path_until_measured(recwarn):
+    # Issue 13 part 6: no recorded GPU run shows the fused CUDA paths at least as fast as
+    # the module path, so a CUDA tensor takes the module path (real skipping) by default,
+    # without a fallback warning, and backend_info says why.
+    assert backends._choose("cuda") == "reference"
+    assert not [w for w in recwarn if "sdkernels" in str(w.message)]
+    why = backends.auto_reason("cuda")
+    assert "not yet measured on a GPU" in why and "use_backend('extension')" in why
+    info = sdkernels.backend_info()
+    assert info.reasons["cuda"] == why
+    assert "automatic choice on cuda: fused CUDA paths not yet measured" in str(info)
+    # CPU keeps the extension default (measured on CPU)
+    if sdkernels.ops.extension.is_available():
+        assert backends._choose("cpu") == "extension"
+        assert backends.auto_reason("cpu") == ""

@@ -1,6 +1,9 @@
+import numpy as np
 import pytest
+import torch
 
 import sdkernels
+from sdkernels.schedule import check_prob
 
 
 def test_linear_schedule_matches_paper():
@@ -32,3 +35,19 @@ def test_expected_work():
 def test_bad_input(kwargs, err):
     with pytest.raises(err):
         sdkernels.survival_probs(**kwargs)
+
+
+@pytest.mark.parametrize("bad", ["0.5", True, False, None, [0.5], torch.tensor([0.5, 0.2]),
+                                 torch.tensor(True), 0.5 + 0j])
+def test_check_prob_accepts_only_real_numbers(bad):
+    # '0.5' and True used to pass as 0.5 and 1.0
+    with pytest.raises(TypeError, match=r"real number in \(0, 1\]"):
+        check_prob(bad)
+    with pytest.raises(TypeError):
+        sdkernels.BasicBlock(4, 4, survival_prob=bad)
+
+
+@pytest.mark.parametrize("good, want", [(0.5, 0.5), (1, 1.0), (np.float32(0.25), 0.25),
+                                        (np.int64(1), 1.0), (torch.tensor(0.5), 0.5)])
+def test_check_prob_real_numbers(good, want):
+    assert check_prob(good) == want

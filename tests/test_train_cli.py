@@ -145,3 +145,31 @@ def test_trains_from_a_cifar_archive(tmp_path, capsys):
     assert "48 train / 12 val / 10 test images" in capsys.readouterr().out
     rec = json.loads((out / "log.jsonl").read_text())
     assert rec["steps"] == 3 and rec["train_images"] == 48
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path):
+    # In a log file a bar is hundreds of carriage-return updates; there the training CLI
+    # writes one line per epoch and the benchmark none.
+    log = tmp_path / "train.err"
+    with open(log, "w") as f:
+        p = subprocess.run([sys.executable, "-m", "sdkernels.train", "--depth", "8",
+                            "--synthetic-size", "48", "--batch-size", "16", "--epochs", "1",
+                            "--out", str(tmp_path / "o"), "--threads", "1"],
+                           cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=f, text=True,
+                           timeout=300, env={**__import__("os").environ,
+                                             "PYTHONPATH": PKG_PARENT})
+    err = log.read_text()
+    assert p.returncode == 0, err
+    assert "\r" not in err and "epoch 1/1: " in err, err
+    log = tmp_path / "bench.err"
+    with open(log, "w") as f:
+        p = subprocess.run([sys.executable, "-m", "sdkernels.bench", "--depth", "8",
+                            "--batch-size", "4", "--steps", "1", "--warmup", "0",
+                            "--sweep", "", "--no-plot", "--threads", "1",
+                            "--out", str(tmp_path / "b")],
+                           cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=f, text=True,
+                           timeout=300, env={**__import__("os").environ,
+                                             "PYTHONPATH": PKG_PARENT})
+    err = log.read_text()
+    assert p.returncode == 0, err + p.stdout
+    assert "\r" not in err, err

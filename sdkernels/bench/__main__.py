@@ -136,8 +136,9 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         # the backend fallback warning is shown in the table header instead
         warnings.filterwarnings("ignore", message="sdkernels: using the reference", category=RuntimeWarning)
+        # a bar only on a terminal: in a log file it is hundreds of \r updates
         with tqdm(total=total_steps(cfg), desc=f"ResNet-{cfg.depth} steps", unit="step",
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
             rec = run_comparison(cfg, progress=lambda name: bar.update(1))
     rec["wall_time_s"] = time.perf_counter() - t0
     rec["environment"]["flush_denormal"] = True

@@ -239,6 +239,11 @@ def _evaluate(runner: _Runner, x_u8: torch.Tensor, y: torch.Tensor, stats, env) 
     return {"loss": tot_loss / n, "error": 1.0 - tot_correct / n, "n": int(n)}
 
 
+def _bars(cfg, env) -> bool:
+    """Progress bars only on a terminal: in a log file they are hundreds of \\r updates."""
+    return bool(cfg.progress and env.is_main and sys.stderr.isatty())
+
+
 def _run_epoch(runner: _Runner, data: _Data, epoch: int, aug: D.Augmenter, desc: str,
                env, cfg, e_depth: float, step_log=None) -> dict:
     """Train one epoch; returns its (all-reduced) metrics and timing."""
@@ -252,7 +257,7 @@ def _run_epoch(runner: _Runner, data: _Data, epoch: int, aug: D.Augmenter, desc:
     depth_sum = 0.0
     block_sums = [0.0] * n_blocks
     bar = tqdm(total=data.steps, desc=desc, unit="batch", dynamic_ncols=True, file=sys.stderr,
-               disable=not (cfg.progress and env.is_main), leave=True)
+               disable=not _bars(cfg, env), leave=True)
     synchronize(env.device)
     t0 = time.perf_counter()
     last_refresh = t0
@@ -281,6 +286,9 @@ def _run_epoch(runner: _Runner, data: _Data, epoch: int, aug: D.Augmenter, desc:
     synchronize(env.device)
     train_time = time.perf_counter() - t0
     bar.close()
+    if cfg.progress and env.is_main and bar.disable:
+        # a log file gets one line per epoch instead of a bar's carriage-return updates
+        print(f"{desc}: {data.steps} batches in {train_time:.1f} s", file=sys.stderr)
     steps = data.steps
     tot_loss, tot_correct, tot_seen = tdist.all_reduce_sum(
         env, [loss_sum.item(), correct.item(), float(seen)])
@@ -337,7 +345,7 @@ def _time_prediction(cfg, env, model, data: _Data, probs) -> dict:
     from tqdm import tqdm
     total = len(plans) * (cfg.calib_rounds + 1)
     with tqdm(total=total, desc="calibration", unit="step", dynamic_ncols=True, file=sys.stderr,
-              disable=not (cfg.progress and env.is_main)) as bar:
+              disable=not _bars(cfg, env)) as bar:
         times = interleaved_timing(steps, batches, rounds=cfg.calib_rounds, warmup=1,
                                    device=env.device, progress=lambda n: bar.update(1))
     means = {n: statistics.fmean(ts) for n, ts in times.items()}
