@@ -570,6 +570,35 @@ def test_deterministic(layout, dtype):
         assert torch.equal(a, b)
 
 
+def _misaligned_copy(t):
+    """t's values in a view starting one element into its storage (same strides): never
+    16-byte aligned, so the kernels cannot use 16-byte vector accesses on it."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    v = buf[1:].as_strided(t.shape, t.stride())
+    v.copy_(t)
+    assert v.storage_offset() == 1 and v.data_ptr() % 16 != 0
+    return v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(32, 64, 28, 28), (4, 16, 8, 8)], ids=str)
+def test_misaligned_reductions_bitwise_equal_aligned(shape, layout, dtype):
+    """The reduction split and order depend on shape and dtype only: an aligned copy and a
+    misaligned view (storage_offset 1) give bitwise equal statistics and sums."""
+    y, go, out, mean, invstd, w = make_bn_case(shape, dtype, layout)
+    m_a, i_a = _stats(y, None, None, 0.1, 1e-5)
+    ym, gom, outm = _misaligned_copy(y), _misaligned_copy(go), _misaligned_copy(out)
+    m_m, i_m = _stats(ym, None, None, 0.1, 1e-5)
+    assert torch.equal(m_a, m_m) and torch.equal(i_a, i_m)
+    for with_out in (True, False):
+        o_a, o_m = (out, outm) if with_out else (None, None)
+        sd_a, sdx_a, dy_a = _reduce(go, o_a, y, mean, invstd, True)
+        sd_m, sdx_m, dy_m = _reduce(gom, o_m, ym, mean, invstd, True)
+        assert torch.equal(sd_a, sd_m) and torch.equal(sdx_a, sdx_m), with_out
+        assert torch.equal(dy_a, dy_m), with_out
+
+
 def test_runs_on_the_current_stream():
     y, go, out, mean, invstd, w = make_bn_case((16, 32, 17, 17), torch.float32,
                                                "channels_last")

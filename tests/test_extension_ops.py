@@ -468,6 +468,88 @@ def test_import_without_library_degrades_cleanly():
 
 
 # ---------------------------------------------------------------------------------------
+# CUDA launch plans, host side (csrc/cuda/channel_plan.h: plain C++, no GPU needed)
+
+_PLAN_TEST_CPP = r"""
+#include "cuda/channel_plan.h"
+
+#include <cstdint>
+#include <cstdio>
+#include <type_traits>
+
+using namespace sdkernels::cuda;
+namespace d = sdkernels::cuda::detail;
+
+// The reduction plan takes no alignment argument: aligned and misaligned inputs of one
+// shape cannot get different splits or vector widths (hence summation orders).
+static_assert(std::is_invocable_v<decltype(&plan_channel_reduce), int64_t, int64_t, int64_t,
+                                  bool, int>);
+static_assert(!std::is_invocable_v<decltype(&plan_channel_reduce), int64_t, int64_t,
+                                   int64_t, bool, int, bool>);
+
+int main() {
+  const int64_t Ns[] = {1, 2, 7, 32, 256};
+  const int64_t Cs[] = {1, 3, 8, 16, 24, 64, 256, 2048};
+  const int64_t inners[] = {1, 5, 8, 49, 784, 3136};
+  const int sizes[] = {2, 4, 8};
+  long checked = 0;
+  for (int64_t N : Ns) for (int64_t C : Cs) for (int64_t inner : inners)
+  for (int cl = 0; cl < 2; ++cl) for (int es : sizes) {
+    const int64_t numel = N * C * inner;
+    const ChannelReducePlan p = plan_channel_reduce(numel, C, inner, cl != 0, es);
+    const bool ecl = d::effective_channels_last(C, inner, cl != 0);
+    const int64_t run = ecl ? C : inner;
+    const int vmax = 16 / es;
+    const int64_t M = numel / C;
+    const int64_t total = ecl ? M : M / p.vec;
+    const int64_t chunk = d::ceil_div(total, p.splits);
+    bool ok = (p.vec == 1 || p.vec == vmax) && run % p.vec == 0 &&
+              (p.vec == vmax) == (run % vmax == 0) &&
+              p.splits >= 1 && p.splits <= d::kMaxSplits && p.splits <= 65535 &&
+              (p.splits - 1) * chunk < total &&  // no empty split
+              p.splits == d::reduce_splits(numel, C, inner, cl != 0, p.vec) &&
+              // elementwise: the same width when aligned, scalar when not
+              d::vec_width(es, C, inner, cl != 0, true) == p.vec &&
+              d::vec_width(es, C, inner, cl != 0, false) == 1;
+    if (!ok) {
+      std::printf("BAD N=%lld C=%lld inner=%lld cl=%d es=%d vec=%d splits=%lld\n",
+                  (long long)N, (long long)C, (long long)inner, cl, es, p.vec,
+                  (long long)p.splits);
+      return 1;
+    }
+    ++checked;
+  }
+  std::printf("OK %ld\n", checked);
+  return 0;
+}
+"""
+
+
+def test_cuda_reduce_plan_is_shape_only_host():
+    """channel_plan.h builds with a plain host compiler (no CUDA, no torch headers), the
+    reduction plan has no alignment input, and its splits / vector widths are valid."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") \
+        or shutil.which("clang++")
+    if not cxx:
+        pytest.skip("no host C++ compiler")
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "plan_test.cpp", Path(tmp) / "plan_test"
+        src.write_text(_PLAN_TEST_CPP)
+        cc = subprocess.run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", str(csrc),
+                             str(src), "-o", str(exe)], capture_output=True, text=True)
+        assert cc.returncode == 0, cc.stderr
+        run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("OK "), run.stdout + run.stderr
+
+
+# ---------------------------------------------------------------------------------------
 # CUDA (needs a GPU and an extension built with CUDA)
 
 
@@ -521,6 +603,64 @@ class TestCUDA:
         g2 = _bop(grad, out.detach(), x, s)
         for a, e in zip(g1, g2):
             assert torch.equal(a, e)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16,
+                                       torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("shape", [(8, 256, 14, 14), (4, 64, 28, 28), (16, 24, 5, 5),
+                                       (2, 3, 7, 5), (3, 2048, 1, 1)], ids=str)
+    def test_channels_last_backward_matches_reference(self, shape, dtype):
+        """channels_last backward (coalesced row reduction, fused grad_x / grad_residual
+        stores): vectorised C (256, 64, 24 for 16-bit, 2048), scalar C (3)."""
+        x, s, b, r = make_inputs(shape, dtype=dtype, layout="channels_last", seed=1,
+                                 device="cuda")
+        out = R.scale_bias_add_relu(x, s, b, r).contiguous(memory_format=torch.channels_last)
+        g = torch.Generator().manual_seed(2)
+        grad_out = torch.randn(shape, generator=g, dtype=torch.float64).to(
+            device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        got = _bop(grad_out, out, x, s)
+        ref64 = R.scale_bias_add_relu_backward(*_upcast(grad_out, out, x, s))
+        eager = R.scale_bias_add_relu_backward(grad_out, out, x, s)
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+        assert got[3].is_contiguous(memory_format=torch.channels_last)
+        # grad_x = g * s and grad_residual = g: one rounding of an exact product / a copy
+        mask = out > 0
+        assert torch.equal(got[3], torch.where(mask, grad_out, torch.zeros_like(grad_out)))
+        for name, a, e, ref in zip(("grad_x", "grad_scale", "grad_bias", "grad_residual"),
+                                   got, eager, ref64):
+            assert a.dtype == e.dtype and a.shape == e.shape, name
+            if dtype == torch.float64:
+                torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-10, msg=name)
+            elif dtype == torch.float32:
+                # sums over up to 1568 terms, fp32 partials merged in double
+                torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-4, msg=name)
+            else:
+                assert _max_err(a, ref) <= 2 * _max_err(e, ref) + 1e-6, name
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+    def test_misaligned_inputs_reduce_bitwise_equal(self, layout, dtype):
+        """An aligned copy and a view starting one element into its storage (not 16-byte
+        aligned: scalar loads) are reduced in the same order: bitwise equal grads."""
+        shape = (8, 64, 14, 16)  # C and inner both multiples of every vector width
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x, s, b, r = make_inputs(shape, dtype=dtype, layout="contiguous", seed=3,
+                                 device="cuda")
+        x = x.contiguous(memory_format=fmt)
+        out = R.scale_bias_add_relu(x, s, b, r).contiguous(memory_format=fmt)
+        grad_out = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+
+        def misaligned(t):
+            buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+            v = buf[1:].as_strided(t.shape, t.stride())
+            v.copy_(t)
+            assert v.data_ptr() % 16 != 0 and v.storage_offset() == 1
+            return v
+
+        aligned = _bop(grad_out, out, x, s)
+        mis = _bop(misaligned(grad_out), misaligned(out), misaligned(x), s)
+        for name, a, m in zip(("grad_x", "grad_scale", "grad_bias", "grad_residual"),
+                              aligned, mis):
+            assert torch.equal(a, m), name
 
     def test_gradcheck_float64(self):
         x, s, b, r = make_inputs((2, 3, 5, 4), margin=1e-2, device="cuda")

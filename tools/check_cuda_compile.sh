@@ -8,7 +8,8 @@
 #     ATen/cuda and c10/cuda headers) plus the CUDA toolkit's include dir. A host file
 #     whose failure is only a header missing from this machine (outside the repository)
 #     is reported as SKIP with the header's name instead of failing falsely; no torch
-#     importable skips step 2 with a message.
+#     importable skips step 2 with a message;
+#  3. csrc/cuda/channel_plan.h alone with the host compiler (no CUDA/torch include dirs).
 #
 # Usage: tools/check_cuda_compile.sh            (nvcc from $NVCC, $CUDA_HOME/bin, or PATH)
 #        SDKERNELS_CHECK_ARCHS="80 90" tools/check_cuda_compile.sh
@@ -166,6 +167,21 @@ PYEOF
         host_checked=$((host_checked + 1))
       done
     done
+  fi
+fi
+
+# --- 3. host-only plan header -----------------------------------------------------------
+# csrc/cuda/channel_plan.h (split counts, vector widths) must build with a plain host
+# compiler and no CUDA or torch include dir: host code and a CPU test share it.
+plan_h="csrc/cuda/channel_plan.h"
+plan_cxx="${CXX:-$(command -v g++ || command -v c++ || true)}"
+if [[ -f "$plan_h" && -n "$plan_cxx" ]]; then
+  if echo '#include "cuda/channel_plan.h"' |
+       "$plan_cxx" -std=c++17 -fsyntax-only -Wall -Wextra -Werror -Icsrc -x c++ -; then
+    echo "check_cuda_compile: OK   $plan_h (host only, no CUDA/torch includes)"
+  else
+    echo "check_cuda_compile: FAIL $plan_h (host only, no CUDA/torch includes)"
+    failures=$((failures + 1))
   fi
 fi
 

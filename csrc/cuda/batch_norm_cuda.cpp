@@ -43,7 +43,6 @@ constexpr const char* kSbrName = "sdkernels::scale_bias_relu";
 constexpr const char* kReduceName = "sdkernels::relu_bn_backward_reduce";
 constexpr const char* kApplyName = "sdkernels::bn_backward_apply";
 
-using cuda_host::aligned16;
 using cuda_host::check_on_cuda;
 using cuda_host::cptr;
 using cuda_host::CudaType;
@@ -98,9 +97,9 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kStatsName, [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
     using acc_t = acc_type_t<scalar_t>;
+    // Shape-only plan (channel_plan.h): aligned and misaligned x sum in one order.
     const cuda::ChannelReducePlan plan = cuda::plan_channel_reduce(
-        g.numel, g.C, g.inner, g.channels_last, static_cast<int>(sizeof(cuda_t)),
-        aligned16(xc));
+        g.numel, g.C, g.inner, g.channels_last, static_cast<int>(sizeof(cuda_t)));
     at::Tensor ws = at::empty({2 * plan.splits * g.C}, sopts);
     acc_t* const ws_p = ws.mutable_data_ptr<acc_t>();
     acc_t* const mean_p = mean.mutable_data_ptr<acc_t>();
@@ -191,15 +190,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_bn_backward_reduce_cuda(
   const at::Tensor yc = y.contiguous(g.format);
   const at::Tensor mc = mean.contiguous();
   const at::Tensor ic = invstd.contiguous();
-  const bool aligned = aligned16(goc) && aligned16(oc) && aligned16(yc) &&
-                       (!want_dy || aligned16(dy));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), kReduceName, [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
     using acc_t = acc_type_t<scalar_t>;
+    // Shape-only plan (channel_plan.h): aligned and misaligned inputs sum in one order.
     const cuda::ChannelReducePlan plan = cuda::plan_channel_reduce(
-        g.numel, g.C, g.inner, g.channels_last, static_cast<int>(sizeof(cuda_t)), aligned);
+        g.numel, g.C, g.inner, g.channels_last, static_cast<int>(sizeof(cuda_t)));
     at::Tensor ws = at::empty({2 * plan.splits * g.C}, sopts);
     SDKERNELS_CUDA_CHECK(
         kReduceName,

@@ -12,7 +12,10 @@
 //   arithmetic whenever it fits).
 // * Reductions are two-stage: partial sums per (split, channel) with a shape-only split
 //   that gives ~1024 blocks (fills 132 SMs several times over), then a finalize kernel
-//   that sums the partials in a fixed order in double. Deterministic, no atomics.
+//   that sums the partials in a fixed order in double. Deterministic, no atomics. The
+//   split and the vector width that fixes each thread's elements depend on shape and
+//   dtype only: a misaligned input keeps them and reads each vector with scalar loads,
+//   so it sums in exactly the order of an aligned copy (channel_plan.h).
 // * bn_stats is numerically stable: it sums d = x - K and d^2 with a per-channel shift K
 //   (the channel's first element, or 0 if that is not finite), the same for every
 //   partial, so the partials merge by plain addition (Chan's merge with a common shift),
@@ -49,7 +52,9 @@ __device__ __forceinline__ T finite_or_zero(T v) {
   return (v - v) == T(0) ? v : T(0);
 }
 
-template <typename scalar_t, int V>
+// kAligned: x is 16-byte aligned (vector loads); else the same V elements are read with
+// scalar loads, in the same order (channel_plan.h's reproducibility rule).
+template <typename scalar_t, int V, bool kAligned>
 struct StatsOp {
   using acc_t = typename OpMath<scalar_t>::type;
   struct Chan {
@@ -65,7 +70,7 @@ struct StatsOp {
     return Chan{finite_or_zero(static_cast<acc_t>(to_acc(x[c * shift_stride])))};
   }
   __device__ __forceinline__ Loaded load(int64_t i) const {
-    return Loaded{load_vec<scalar_t, V>(x + i)};
+    return Loaded{load_vec<scalar_t, V, kAligned>(x + i)};
   }
   template <int NC>
   __device__ __forceinline__ void accumulate(int64_t, const Loaded& in, const Chan* ch,
@@ -114,7 +119,7 @@ struct StatsFin {
 
 // --- relu_bn_backward_reduce ------------------------------------------------------------
 
-template <typename scalar_t, int V, bool kHasOut>
+template <typename scalar_t, int V, bool kHasOut, bool kAligned>
 struct BackwardReduceOp {
   using acc_t = typename OpMath<scalar_t>::type;
   struct Chan {
@@ -134,9 +139,9 @@ struct BackwardReduceOp {
   __device__ __forceinline__ Chan channel(int64_t c) const { return Chan{mean[c]}; }
   __device__ __forceinline__ Loaded load(int64_t i) const {
     Loaded in;
-    in.g = load_vec<scalar_t, V>(grad_out + i);
-    if constexpr (kHasOut) in.o = load_vec<scalar_t, V>(out + i);
-    in.y = load_vec<scalar_t, V>(y + i);
+    in.g = load_vec<scalar_t, V, kAligned>(grad_out + i);
+    if constexpr (kHasOut) in.o = load_vec<scalar_t, V, kAligned>(out + i);
+    in.y = load_vec<scalar_t, V, kAligned>(y + i);
     return in;
   }
   template <int NC>
@@ -156,7 +161,7 @@ struct BackwardReduceOp {
       a[v] += g;
       b[v] += g * (static_cast<acc_t>(to_acc(in.y.v[v])) - ch[NC == 1 ? 0 : v].mean);
     }
-    if (dy != nullptr) store_vec<scalar_t, V>(dy + i, d);
+    if (dy != nullptr) store_vec<scalar_t, V, kAligned>(dy + i, d);
   }
 };
 
@@ -194,15 +199,18 @@ struct BackwardApplyOp {
   const acc_t* sum_dy;
   const acc_t* sum_dy_xhat;
   scalar_t* grad_y;
-  acc_t m;  // M = numel / C
+  // 1 / M (M = numel / C), rounded once on the host (as the CPU kernel's inv_m): a
+  // multiply instead of an IEEE division per channel() call (NCHW calls it per vector;
+  // the double division's slow-path subroutine call also cost a stack frame and spills).
+  acc_t inv_m;
 
   __device__ __forceinline__ Chan channel(int64_t c) const {
     Chan ch;
     ch.mean = mean[c];
     ch.invstd = invstd[c];
     ch.k = weight != nullptr ? weight[c] * ch.invstd : ch.invstd;
-    ch.mean_dy = sum_dy[c] / m;
-    ch.mean_dy_xhat = sum_dy_xhat[c] / m;
+    ch.mean_dy = sum_dy[c] * inv_m;
+    ch.mean_dy_xhat = sum_dy_xhat[c] * inv_m;
     return ch;
   }
   __device__ __forceinline__ Loaded load(int64_t i) const {
@@ -229,13 +237,13 @@ struct BackwardApplyOp {
   }
 };
 
-template <typename scalar_t, typename acc_t, int V, bool kHasOut>
+template <typename scalar_t, typename acc_t, int V, bool kHasOut, bool kAligned>
 cudaError_t run_backward_reduce(const scalar_t* grad_out, const scalar_t* out,
                                 const scalar_t* y, const acc_t* mean, const acc_t* invstd,
                                 scalar_t* dy, int64_t numel, int64_t C, int64_t inner,
                                 bool channels_last, int64_t splits, acc_t* workspace,
                                 acc_t* sum_dy, acc_t* sum_dy_xhat, cudaStream_t stream) {
-  const BackwardReduceOp<scalar_t, V, kHasOut> op{grad_out, out, y, mean, dy};
+  const BackwardReduceOp<scalar_t, V, kHasOut, kAligned> op{grad_out, out, y, mean, dy};
   const BackwardReduceFin<acc_t> fin{invstd, sum_dy, sum_dy_xhat};
   return detail::launch_channel_reduce<V, kBackwardUnroll>(op, fin, numel, C, inner,
                                                            channels_last, splits, workspace,
@@ -251,22 +259,12 @@ cudaError_t run_backward_apply(const scalar_t* grad_out, const scalar_t* out,
                                cudaStream_t stream) {
   const BackwardApplyOp<scalar_t, V, kHasOut> op{
       grad_out, out,         y,      mean, invstd, weight, sum_dy,
-      sum_dy_xhat, grad_y, static_cast<acc_t>(numel / C)};
+      sum_dy_xhat, grad_y, static_cast<acc_t>(1.0 / static_cast<double>(numel / C))};
   return detail::launch_elementwise<V, kBackwardUnroll>(op, numel, C, inner, channels_last,
                                                         stream);
 }
 
 }  // namespace
-
-ChannelReducePlan plan_channel_reduce(int64_t numel, int64_t C, int64_t inner,
-                                      bool channels_last, int elem_size,
-                                      bool pointers_aligned) {
-  ChannelReducePlan plan;
-  if (numel <= 0 || C <= 0 || inner <= 0 || elem_size <= 0 || elem_size > 16) return plan;
-  plan.vec = detail::vec_width(elem_size, C, inner, channels_last, pointers_aligned);
-  plan.splits = detail::reduce_splits(numel, C, inner, channels_last, plan.vec);
-  return plan;
-}
 
 template <typename scalar_t, typename acc_t, typename running_t>
 cudaError_t launch_bn_stats(const scalar_t* x, int64_t numel, int64_t C, int64_t inner,
@@ -285,16 +283,24 @@ cudaError_t launch_bn_stats(const scalar_t* x, int64_t numel, int64_t C, int64_t
   const StatsFin<scalar_t, acc_t, running_t> fin{x,    shift_stride, numel / C,
                                                  momentum, eps,      mean,
                                                  invstd,   running_mean, running_var};
+  // The plan must be the shape-only one (same summation order for every alignment).
+  if (plan.vec != detail::reduce_vec_width(static_cast<int>(sizeof(scalar_t)), C, inner,
+                                           channels_last))
+    return cudaErrorInvalidValue;
   constexpr int VM = detail::max_vec<scalar_t>();
   if (plan.vec == VM && VM > 1) {
-    if (!detail::aligned16(x)) return cudaErrorInvalidValue;
+    if (detail::aligned16(x)) {
+      return detail::launch_channel_reduce<VM, kStatsUnroll>(
+          StatsOp<scalar_t, VM, true>{x, shift_stride}, fin, numel, C, inner, channels_last,
+          plan.splits, workspace, stream);
+    }
     return detail::launch_channel_reduce<VM, kStatsUnroll>(
-        StatsOp<scalar_t, VM>{x, shift_stride}, fin, numel, C, inner, channels_last,
+        StatsOp<scalar_t, VM, false>{x, shift_stride}, fin, numel, C, inner, channels_last,
         plan.splits, workspace, stream);
   }
   if (plan.vec == 1) {
     return detail::launch_channel_reduce<1, kStatsUnroll>(
-        StatsOp<scalar_t, 1>{x, shift_stride}, fin, numel, C, inner, channels_last,
+        StatsOp<scalar_t, 1, true>{x, shift_stride}, fin, numel, C, inner, channels_last,
         plan.splits, workspace, stream);
   }
   return cudaErrorInvalidValue;
@@ -312,26 +318,38 @@ cudaError_t launch_relu_bn_backward_reduce(
   if (C <= 0 || inner <= 0 || grad_out == nullptr || y == nullptr || mean == nullptr ||
       invstd == nullptr || sum_dy == nullptr || sum_dy_xhat == nullptr)
     return cudaErrorInvalidValue;
+  if (plan.vec != detail::reduce_vec_width(static_cast<int>(sizeof(scalar_t)), C, inner,
+                                           channels_last))
+    return cudaErrorInvalidValue;
   constexpr int VM = detail::max_vec<scalar_t>();
   const int64_t s = plan.splits;
   if (plan.vec == VM && VM > 1) {
-    if (!detail::aligned16(grad_out) || !detail::aligned16(out) || !detail::aligned16(y) ||
-        !detail::aligned16(dy))
-      return cudaErrorInvalidValue;
+    // Same V (same order) either way; misaligned pointers only switch to scalar accesses.
+    const bool aligned = detail::aligned16(grad_out) && detail::aligned16(out) &&
+                         detail::aligned16(y) && detail::aligned16(dy);
+    if (aligned) {
+      return out != nullptr
+                 ? run_backward_reduce<scalar_t, acc_t, VM, true, true>(
+                       grad_out, out, y, mean, invstd, dy, numel, C, inner, channels_last, s,
+                       workspace, sum_dy, sum_dy_xhat, stream)
+                 : run_backward_reduce<scalar_t, acc_t, VM, false, true>(
+                       grad_out, out, y, mean, invstd, dy, numel, C, inner, channels_last, s,
+                       workspace, sum_dy, sum_dy_xhat, stream);
+    }
     return out != nullptr
-               ? run_backward_reduce<scalar_t, acc_t, VM, true>(
+               ? run_backward_reduce<scalar_t, acc_t, VM, true, false>(
                      grad_out, out, y, mean, invstd, dy, numel, C, inner, channels_last, s,
                      workspace, sum_dy, sum_dy_xhat, stream)
-               : run_backward_reduce<scalar_t, acc_t, VM, false>(
+               : run_backward_reduce<scalar_t, acc_t, VM, false, false>(
                      grad_out, out, y, mean, invstd, dy, numel, C, inner, channels_last, s,
                      workspace, sum_dy, sum_dy_xhat, stream);
   }
   if (plan.vec == 1) {
     return out != nullptr
-               ? run_backward_reduce<scalar_t, acc_t, 1, true>(
+               ? run_backward_reduce<scalar_t, acc_t, 1, true, true>(
                      grad_out, out, y, mean, invstd, dy, numel, C, inner, channels_last, s,
                      workspace, sum_dy, sum_dy_xhat, stream)
-               : run_backward_reduce<scalar_t, acc_t, 1, false>(
+               : run_backward_reduce<scalar_t, acc_t, 1, false, true>(
                      grad_out, out, y, mean, invstd, dy, numel, C, inner, channels_last, s,
                      workspace, sum_dy, sum_dy_xhat, stream);
   }

@@ -15,7 +15,8 @@
 // The reductions are two-stage and deterministic: a fixed, shape-only split of every
 // channel into `splits` parts (stage 1 writes partial sums, [2, splits, C] acc_t in
 // `workspace`), then a finalize kernel sums each channel's partials in a fixed order, in
-// double. No atomics: repeated calls are bitwise equal.
+// double. No atomics: repeated calls are bitwise equal, and so are an aligned copy and a
+// misaligned view (e.g. storage_offset 1) of the same values.
 #pragma once
 
 #include <cstdint>
@@ -24,21 +25,16 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "channel_plan.h"
+
 namespace sdkernels {
 namespace cuda {
 
-// How a per-channel reduction over x runs: vector width and number of splits.
-struct ChannelReducePlan {
-  int vec = 1;
-  int64_t splits = 1;
-};
-
-// elem_size = sizeof(scalar_t); pointers_aligned = every tensor the reduction reads or
-// writes elementwise starts on a 16-byte boundary. The workspace needs
-// 2 * plan.splits * C elements of acc_t.
-ChannelReducePlan plan_channel_reduce(int64_t numel, int64_t C, int64_t inner,
-                                      bool channels_last, int elem_size,
-                                      bool pointers_aligned);
+// How a per-channel reduction over x runs (vector width, number of splits): see
+// ChannelReducePlan and plan_channel_reduce(numel, C, inner, channels_last, elem_size) in
+// channel_plan.h. The plan depends on the shape and the element size only, never on
+// pointer alignment, so aligned and misaligned inputs are summed in the same order. The
+// workspace needs 2 * plan.splits * C elements of acc_t.
 
 // Batch statistics over M = numel / C values per channel (numerically stable: sums of
 // x - x[first element of the channel], a shift shared by all partials, finished in

@@ -1,16 +1,19 @@
-// Shared device machinery of the per-channel CUDA kernels (scale-bias(-add)-ReLU, BN
-// statistics, BN backward): vector loads, the two layouts, generic elementwise and
-// two-stage deterministic reduction drivers. No torch headers (compiled by a bare nvcc).
+// Shared device machinery of the per-channel CUDA kernels (scale-bias(-add)-ReLU and its
+// backward, BN statistics, BN backward): vector loads, the two layouts, generic
+// elementwise and two-stage deterministic reduction drivers. No torch headers (compiled by
+// a bare nvcc). The host-side plans (layout choice, vector widths, block shapes, split
+// counts) live in channel_plan.h, plain C++ that host code and a host-only test share.
 //
-// Layouts (all pointers are to dense tensors):
-//   NCHW          [N, C, inner] contiguous; channel of flat index i = (i / inner) % C
-//   channels_last [M = N * inner, C] contiguous (rows of C); channel of i = i % C
-// The two coincide when inner == 1 or C == 1; effective_channels_last() then picks the
-// one that vectorises (rows of C for inner == 1, runs of inner for C == 1).
+// Layouts: see channel_plan.h (NCHW [N, C, inner]; channels_last [M, C] rows of C).
 //
-// Vectorisation: V = 16 / sizeof(T) elements per 16-byte access when the contiguous run
-// (C for channels_last, inner for NCHW) is a multiple of V and every data pointer is
-// 16-byte aligned, else V = 1. A vector never straddles a channel run.
+// Vector width V (elements per thread access; a vector never straddles a channel run):
+//   * reductions: the logical width of channel_plan.h's reduce_vec_width(), a function of
+//     shape and dtype only. When a pointer is not 16-byte aligned the Op is instantiated
+//     with kAligned == false and fetches the same V elements with V scalar accesses:
+//     thread -> element assignment and summation order are unchanged, so an aligned copy
+//     and a misaligned view reduce bitwise identically (see the rule in channel_plan.h).
+//   * elementwise: V = 16 / sizeof(T) when the run is a multiple of it and every pointer
+//     is 16-byte aligned, else 1 (no order to preserve).
 //
 // Ops plug into the drivers as small structs (see batch_norm_kernel.cu):
 //   using acc_t; struct Chan; struct Loaded;
@@ -20,6 +23,8 @@
 //                                                         const Chan* ch) const;
 //   reduction:    template <int NC> __device__ void accumulate(int64_t i, const Loaded&,
 //                     const Chan* ch, acc_t* a, acc_t* b) const;   a[V], b[V]
+//                 (accumulate may also store elementwise results of elements [i, i + V):
+//                 every element is visited exactly once)
 // ch points at V channel structs (channels_last: one per vector lane, NC == V) or at one
 // (NCHW: the whole vector is one channel, NC == 1); lane v uses ch[NC == 1 ? 0 : v].
 #pragma once
@@ -33,25 +38,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "channel_plan.h"
+
 namespace sdkernels {
 namespace cuda {
 namespace detail {
-
-constexpr int kThreads = 256;  // every driver's block size (8 warps)
-constexpr int kWarps = kThreads / 32;
-// Reductions: aim at ~1024 blocks in the partial pass (a few waves of 256-thread blocks
-// on 108-132 SMs) but give every thread some work; at most kMaxSplits partials per
-// channel. The split depends on the shape only (never on the device), so results are
-// bitwise reproducible on every GPU.
-constexpr int64_t kReduceTargetBlocks = 1024;
-constexpr int64_t kMaxSplits = 1024;
-constexpr int64_t kMinRowsPerThread = 4;   // channels_last partial pass
-constexpr int64_t kMinVecsPerThread = 4;   // NCHW partial pass
-// Elementwise grid-stride caps.
-constexpr int64_t kElementwiseBlocks = 8192;
-// Finalize: a block of kFinC channels x kFinS split lanes.
-constexpr int kFinC = 8;
-constexpr int kFinS = kThreads / kFinC;
 
 template <typename T>
 struct OpMath {
@@ -91,11 +82,16 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
-// Read-only (non-coherent cache) load of V elements at p (p aligned to the Vec).
-template <typename T, int V>
+// Read-only (non-coherent cache) load of V elements at p. kAligned: p is aligned to the
+// Vec (one 4/8/16-byte access); else V scalar accesses of the same elements (for
+// reductions over misaligned views: same elements, same order, see the top note).
+template <typename T, int V, bool kAligned = true>
 __device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
   Vec<T, V> out;
-  if constexpr (sizeof(Vec<T, V>) == 16) {
+  if constexpr (!kAligned && V > 1) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) out.v[v] = __ldg(p + v);
+  } else if constexpr (sizeof(Vec<T, V>) == 16) {
     const int4 raw = __ldg(reinterpret_cast<const int4*>(p));
     memcpy(&out, &raw, sizeof(raw));
   } else if constexpr (sizeof(Vec<T, V>) == 8) {
@@ -110,66 +106,20 @@ __device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
   return out;
 }
 
-template <typename T, int V>
+template <typename T, int V, bool kAligned = true>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
-  *reinterpret_cast<Vec<T, V>*>(p) = v;
+  if constexpr (!kAligned && V > 1) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) p[k] = v.v[k];
+  } else {
+    *reinterpret_cast<Vec<T, V>*>(p) = v;
+  }
 }
 
-// --- host helpers -----------------------------------------------------------------
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// --- host helpers (the plans are in channel_plan.h) ----------------------------------
 
 inline bool aligned16(const void* p) {
   return p == nullptr || (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0;
-}
-
-// See the layout note at the top.
-inline bool effective_channels_last(int64_t C, int64_t inner, bool channels_last) {
-  if (C == 1) return false;
-  if (inner == 1) return true;
-  return channels_last;
-}
-
-// Vector width for elements of elem_size bytes given the contiguous run length.
-inline int vec_width(int elem_size, int64_t C, int64_t inner, bool channels_last,
-                     bool pointers_aligned) {
-  const int vmax = 16 / elem_size;
-  const int64_t run = effective_channels_last(C, inner, channels_last) ? C : inner;
-  return (pointers_aligned && run % vmax == 0) ? vmax : 1;
-}
-
-// channels_last blocks are (tx, ty): tx threads over column vectors (a power of two <=
-// 32, so a warp covers whole rows), ty = kThreads / tx over rows.
-inline int cl_threads_x(int64_t col_vecs) {
-  int tx = 1;
-  while (tx < col_vecs && tx < 32) tx <<= 1;
-  return tx;
-}
-
-// Number of partials per channel of a reduction (>= 1, <= kMaxSplits); depends only on
-// the shape, the layout and the vector width.
-inline int64_t reduce_splits(int64_t numel, int64_t C, int64_t inner, bool channels_last,
-                             int vec) {
-  if (numel <= 0 || C <= 0) return 1;
-  const int64_t M = numel / C;
-  const bool cl = effective_channels_last(C, inner, channels_last);
-  int64_t total, want;
-  if (cl) {
-    const int64_t cg = C / vec;
-    const int tx = cl_threads_x(cg);
-    const int ty = kThreads / tx;
-    const int64_t col_tiles = ceil_div(cg, tx);
-    total = M;
-    want = std::min(ceil_div(M, ty * kMinRowsPerThread),
-                    ceil_div(kReduceTargetBlocks, col_tiles));
-  } else {
-    total = M / vec;
-    want = std::min(ceil_div(total, kThreads * kMinVecsPerThread),
-                    ceil_div(kReduceTargetBlocks, C));
-  }
-  want = std::max<int64_t>(1, std::min(want, kMaxSplits));
-  const int64_t chunk = ceil_div(total, want);
-  return ceil_div(total, chunk);  // no empty split
 }
 
 // --- elementwise drivers --------------------------------------------------------------
@@ -459,7 +409,9 @@ __global__ void __launch_bounds__(kThreads)
   if (sy == 0 && c < C) fin.finish(c, sh_a[0][cx], sh_b[0][cx]);
 }
 
-// Runs both stages. workspace holds 2 * splits * C acc_t; splits must equal
+// Runs both stages. V is the logical vector width (reduce_vec_width() of channel_plan.h:
+// shape and dtype only; a misaligned input keeps V and uses an Op with kAligned ==
+// false). workspace holds 2 * splits * C acc_t; splits must equal
 // reduce_splits(numel, C, inner, channels_last, V). Requires numel > 0, C > 0.
 template <int V, int U, typename Op, typename Fin>
 cudaError_t launch_channel_reduce(const Op& op, const Fin& fin, int64_t numel, int64_t C,

@@ -70,12 +70,6 @@ typename CudaType<T>::type* mptr(at::Tensor& t) {
   return reinterpret_cast<typename CudaType<T>::type*>(t.mutable_data_ptr<T>());
 }
 
-// True for an undefined tensor (an absent optional input) or data on a 16-byte boundary.
-inline bool aligned16(const at::Tensor& t) {
-  return !t.defined() ||
-         (reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) & std::uintptr_t{15}) == 0;
-}
-
 // The statistics dtype: float64 for float64 activations, float32 otherwise.
 inline at::ScalarType stats_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

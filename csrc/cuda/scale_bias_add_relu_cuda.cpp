@@ -86,40 +86,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scale_bias_add_relu_b
   const at::Tensor goc = grad_out.contiguous(g.format);
   const at::Tensor oc = out.contiguous(g.format);
   const at::Tensor xc = x.contiguous(g.format);
-  const at::Tensor sc = scale.contiguous();
-  const bool float_params = scale.scalar_type() == at::kFloat;
-  const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t splits = cuda::scale_bias_add_relu_reduce_splits(g.numel, g.C);
-  at::Tensor part_gx = at::empty({g.C, splits}, x.options().dtype(acc_type));
-  at::Tensor part_g = at::empty({g.C, splits}, x.options().dtype(acc_type));
+  // The kernel reads scale in the accumulation dtype (float, double for double x): the
+  // float16/bfloat16 -> float and float -> double conversions are exact, so grad_x is
+  // what g * to_acc(scale[c]) gives with the original dtype. No copy when it already is.
+  const at::ScalarType acc_type = cuda_host::stats_type(x.scalar_type());
+  const at::Tensor sc = scale.to(acc_type).contiguous();
+  const at::TensorOptions aopts = x.options().dtype(acc_type);
+  at::Tensor grad_scale = at::empty({g.C}, aopts);
+  at::Tensor grad_bias = at::empty({g.C}, aopts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBwdName, [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (float_params) {
-      SDKERNELS_CUDA_CHECK(
-          kBwdName, (cuda::launch_scale_bias_add_relu_backward_elementwise<cuda_t, float>(
-                        cptr<scalar_t>(goc), cptr<scalar_t>(oc), sc.const_data_ptr<float>(),
-                        mptr<scalar_t>(grad_x), mptr<scalar_t>(grad_res), g.numel, g.C,
-                        g.inner, g.channels_last, stream)));
-    } else {
-      SDKERNELS_CUDA_CHECK(
-          kBwdName, (cuda::launch_scale_bias_add_relu_backward_elementwise<cuda_t, cuda_t>(
-                        cptr<scalar_t>(goc), cptr<scalar_t>(oc), cptr<scalar_t>(sc),
-                        mptr<scalar_t>(grad_x), mptr<scalar_t>(grad_res), g.numel, g.C,
-                        g.inner, g.channels_last, stream)));
-    }
+    // Shape-only plan (channel_plan.h): aligned and misaligned inputs sum in one order.
+    const cuda::ChannelReducePlan plan = cuda::plan_channel_reduce(
+        g.numel, g.C, g.inner, g.channels_last, static_cast<int>(sizeof(cuda_t)));
+    at::Tensor ws = at::empty({2 * plan.splits * g.C}, aopts);
     SDKERNELS_CUDA_CHECK(
-        kBwdName, (cuda::launch_scale_bias_add_relu_backward_reduce<cuda_t, acc_t>(
+        kBwdName, (cuda::launch_scale_bias_add_relu_backward<cuda_t, acc_t>(
                       cptr<scalar_t>(goc), cptr<scalar_t>(oc), cptr<scalar_t>(xc),
-                      part_gx.mutable_data_ptr<acc_t>(), part_g.mutable_data_ptr<acc_t>(),
-                      g.numel, g.C, g.inner, g.channels_last, splits, stream)));
+                      sc.const_data_ptr<acc_t>(), mptr<scalar_t>(grad_x),
+                      mptr<scalar_t>(grad_res), g.numel, g.C, g.inner, g.channels_last, plan,
+                      ws.mutable_data_ptr<acc_t>(), grad_scale.mutable_data_ptr<acc_t>(),
+                      grad_bias.mutable_data_ptr<acc_t>(), stream)));
   });
-  // Partials [C, splits] summed in a fixed order by ATen, cast to scale's dtype.
-  at::Tensor grad_scale = part_gx.sum(1).to(scale.scalar_type());
-  at::Tensor grad_bias = part_g.sum(1).to(scale.scalar_type());
-  return {grad_x, grad_scale, grad_bias, grad_res};
+  // Sums finished in double by the kernel, rounded to acc_t, returned in scale's dtype.
+  return {grad_x, grad_scale.to(scale.scalar_type()), grad_bias.to(scale.scalar_type()),
+          grad_res};
 }
 
 }  // namespace

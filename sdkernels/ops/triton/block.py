@@ -82,7 +82,7 @@ def _as(w, x):
     return w
 
 
-def block_eval(x, convs, shortcut):
+def block_eval(x, convs, shortcut, *, allow_tf32=None):
     """Eval forward of a residual block with BN and p_l folded into its convs.
 
     Args:
@@ -96,6 +96,11 @@ def block_eval(x, convs, shortcut):
             on the fly), or ``("projection", (weight, bias, stride, padding))`` (a conv
             with folded BN and no ReLU, run by the same kernel, then added in the last
             conv's epilogue).
+        allow_tf32: fp32 only: every conv's dot in TF32 on GPU (~1e-3 relative error,
+            the cuDNN default) or IEEE fp32 (False). None follows
+            ``torch.backends.cudnn.allow_tf32`` (True by default, what ``F.conv2d``
+            does). Passed to :func:`.conv.conv2d_fused`; ignored for fp16/bf16 and
+            under the Triton interpreter (which computes in IEEE fp32 either way).
 
     Returns:
         ``relu(shortcut(x) + f(x))``, x's dtype, channels_last.
@@ -109,13 +114,14 @@ def block_eval(x, convs, shortcut):
     specs = [_conv_spec(c, f"convs[{i}]") for i, c in enumerate(convs)]
     h = x
     for w, b, s, p in specs[:-1]:
-        h = conv2d_fused(h, _as(w, x), b, s, p, relu=True)
+        h = conv2d_fused(h, _as(w, x), b, s, p, relu=True, allow_tf32=allow_tf32)
     w, b, s, p = specs[-1]
     kind = shortcut[0]
     if kind == "identity":
         if len(shortcut) != 1:
             raise ValueError(f"{_FN_BLOCK}: identity shortcut takes no arguments: {shortcut!r}")
-        return conv2d_fused(h, _as(w, x), b, s, p, residual=x, residual_mode="add", relu=True)
+        return conv2d_fused(h, _as(w, x), b, s, p, residual=x, residual_mode="add", relu=True,
+                            allow_tf32=allow_tf32)
     if kind == "option_a":
         if len(shortcut) != 3:
             raise ValueError(f"{_FN_BLOCK}: option_a shortcut is ('option_a', stride, "
@@ -125,19 +131,20 @@ def block_eval(x, convs, shortcut):
             raise ValueError(f"{_FN_BLOCK}: option_a shortcut has {out_ch} channels, the "
                              f"last conv {w.shape[0]}")
         return conv2d_fused(h, _as(w, x), b, s, p, residual=x, residual_mode="option_a",
-                            res_stride=stride, relu=True)
+                            res_stride=stride, relu=True, allow_tf32=allow_tf32)
     if kind == "projection":
         if len(shortcut) != 2:
             raise ValueError(f"{_FN_BLOCK}: projection shortcut is ('projection', (weight, "
                              f"bias, stride, padding)), got {shortcut!r}")
         pw, pb, ps, pp = _conv_spec(shortcut[1], "the projection")
-        r = conv2d_fused(x, _as(pw, x), pb, ps, pp)
-        return conv2d_fused(h, _as(w, x), b, s, p, residual=r, residual_mode="add", relu=True)
+        r = conv2d_fused(x, _as(pw, x), pb, ps, pp, allow_tf32=allow_tf32)
+        return conv2d_fused(h, _as(w, x), b, s, p, residual=r, residual_mode="add", relu=True,
+                            allow_tf32=allow_tf32)
     raise ValueError(f"{_FN_BLOCK}: unknown shortcut kind {kind!r} (identity, option_a, "
                      f"projection)")
 
 
-def conv_bn_stats(x, weight, stride, padding, prologue=None):
+def conv_bn_stats(x, weight, stride, padding, prologue=None, *, allow_tf32=None):
     """Conv whose epilogue also yields the batch statistics of its output.
 
     Args:
@@ -146,6 +153,10 @@ def conv_bn_stats(x, weight, stride, padding, prologue=None):
         prologue: None or ``(scale, shift)`` per input channel: the conv reads
             ``relu(x * scale + shift)`` (the previous BN applied with its ReLU) on
             in-bounds positions; padding stays zero.
+        allow_tf32: fp32 only: TF32 dot on GPU (y and the statistics then carry TF32's
+            ~1e-3 relative error) or IEEE fp32 (False). None follows
+            ``torch.backends.cudnn.allow_tf32`` (True by default, like ``F.conv2d``).
+            Passed to :func:`.conv.conv2d_fused`'s ``allow_tf32``.
 
     Returns:
         ``(y, mean, var)``: y the conv output (x's dtype, channels_last, no bias), mean
@@ -170,7 +181,7 @@ def conv_bn_stats(x, weight, stride, padding, prologue=None):
     else:
         scale = shift = None
     y, total, m2 = _conv2d_fused_checked(x, _as(weight, x), None, stride, padding, scale,
-                                         shift, None, "none", 1, False, True, None)
+                                         shift, None, "none", 1, False, True, allow_tf32)
     m = y.shape[0] * y.shape[2] * y.shape[3]
     if m == 0:
         return y, total, m2
