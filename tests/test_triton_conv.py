@@ -239,12 +239,13 @@ def test_stats_large_mean_and_deterministic():
     """Centred partials: var stays accurate when |mean| >> std (sumsq - sum^2 would not)."""
     x = _rand(2, 16, 8, 8, scale=0.01, offset=1.0)
     w = torch.full((16, 16, 1, 1), 50.0, device=DEV)  # outputs ~ 800 +- ~0.6
-    y, mean, var = tblock.conv_bn_stats(x, w, 1, 0)
+    # IEEE fp32 on a GPU: the tolerances below are fp32's (tf32: tests/test_triton_block.py)
+    y, mean, var = tblock.conv_bn_stats(x, w, 1, 0, allow_tf32=False)
     ref_var, ref_mean = torch.var_mean(
         F.conv2d(x.double(), w.double()), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
-    _, mean2, var2 = tblock.conv_bn_stats(x, w, 1, 0)
+    _, mean2, var2 = tblock.conv_bn_stats(x, w, 1, 0, allow_tf32=False)
     assert torch.equal(mean, mean2) and torch.equal(var, var2)  # no atomics
 
 
@@ -347,7 +348,8 @@ def test_block_eval(case, dtype):
     make_convs, make_sc, shape = BLOCK_CASES[case]
     convs, sc = make_convs(dtype), make_sc(dtype)
     x = torch.relu(_rand(*shape)).to(dtype)
-    got = tblock.block_eval(x, convs, sc)
+    # IEEE fp32 on a GPU, so fp32's tolerance holds (tf32: tests/test_triton_block.py)
+    got = tblock.block_eval(x, convs, sc, allow_tf32=False)
     ref = tblock.block_eval_reference(x.double(), [(w.double(), b, s, p) for w, b, s, p in convs],
                                       sc if sc[0] != "projection" else
                                       ("projection", (sc[1][0].double(),) + tuple(sc[1][1:])))
@@ -371,7 +373,7 @@ def test_conv_bn_stats(conv, prologue):
     x = _rand(2, 16, 8, 8)
     w = _rand(20, 16, k, k, scale=0.2)
     pro = (_rand(16).abs() + 0.5, _rand(16)) if prologue else None
-    y, mean, var = tblock.conv_bn_stats(x, w, s, k // 2, prologue=pro)
+    y, mean, var = tblock.conv_bn_stats(x, w, s, k // 2, prologue=pro, allow_tf32=False)
     ry, rmean, rvar = tblock.conv_bn_stats_reference(x.double(), w.double(), s, k // 2, pro)
     torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-5)
     var_t, mean_t = torch.var_mean(ry, dim=(0, 2, 3), correction=0)
@@ -445,8 +447,9 @@ def test_interpreter_config_check():
 
 @pytest.mark.skipif(not INTERP, reason="on a GPU test_gpu_every_autotune_config does this")
 def test_gpu_configs_logic_under_interpreter():
-    """The H100 tile configs (BLOCK_M up to 256, many STAT_BM slices per program) run
-    through the interpreter: the tiling logic, not the compiled code, at one odd shape."""
+    """The H100 tile configs (BLOCK_M up to 256: one stats partial per tile, a partial
+    buffer sized for the smallest BLOCK_M) run through the interpreter: the tiling logic,
+    not the compiled code, at one odd shape."""
     shapes = [(2, 19, 9, 7, 33, 3, 2)]
     assert tconv.check_autotune_configs(DEV, dtypes=(torch.float32,), shapes=shapes,
                                         configs=tconv._GPU_CONFIGS) == []
@@ -553,3 +556,181 @@ def test_gpu_every_autotune_config():
     """No miscompiled variant: every config on odd shapes, all dtypes, all epilogues."""
     failures = tconv.check_autotune_configs("cuda")
     assert failures == [], "\n".join(failures[:20])
+
+
+# ---------------------------------------------------------------------------------------
+# Host-side logic (issue 13 part 8): CPU tests of arithmetic, no kernel or tiny ones.
+
+def _merge_reference(means, m2s, counts):
+    """Chan's merge in float64 over tiles of the given counts."""
+    cnt = torch.tensor(counts, dtype=torch.float64)[:, None]
+    total = (means * cnt).sum(0)
+    mean = total / cnt.sum()
+    return total, (m2s + cnt * (means - mean) ** 2).sum(0)
+
+
+def test_merge_stats_past_2_24_rows():
+    """M > 2^24: counts must be exact integers (float32 counts rounded the last slice's
+    count to 0 and gave inf/NaN statistics). Unused partial rows (count 0) hold garbage
+    and must be ignored."""
+    tile, c = 256, 3
+    m = 2 ** 24 + 37
+    used = -(-m // tile)
+    counts = [tile] * (used - 1) + [m - (used - 1) * tile]
+    assert counts[-1] == 37
+    g = torch.Generator().manual_seed(5)
+    means = torch.randn(used, c, generator=g, dtype=torch.float64) * 0.1 + 2.0
+    m2s = torch.rand(used, c, generator=g, dtype=torch.float64) * torch.tensor(
+        counts, dtype=torch.float64)[:, None]
+    unused = 40  # the buffer is sized for the smallest BLOCK_M: trailing rows stay unused
+    psum = torch.full((used + unused, c), float("nan"))
+    pm2 = torch.full((used + unused, c), float("nan"))
+    psum[:used] = (means * torch.tensor(counts, dtype=torch.float64)[:, None]).float()
+    pm2[:used] = m2s.float()
+    pcnt = torch.zeros(used + unused, dtype=torch.int32)
+    pcnt[:used] = torch.tensor(counts, dtype=torch.int32)
+    total, m2 = tconv._merge_stats(psum, pm2, pcnt, m)
+    assert torch.isfinite(total).all() and torch.isfinite(m2).all()
+    ref_total, ref_m2 = _merge_reference(psum[:used].double() / torch.tensor(
+        counts, dtype=torch.float64)[:, None], pm2[:used].double(), counts)
+    torch.testing.assert_close(total.double() / m, ref_total / m, rtol=1e-5, atol=0)
+    torch.testing.assert_close(m2.double() / m, ref_m2 / m, rtol=1e-4, atol=0)
+    # deterministic: same partials, same bits
+    t2, m22 = tconv._merge_stats(psum, pm2, pcnt, m)
+    assert torch.equal(total, t2) and torch.equal(m2, m22)
+
+
+def test_index_range_check():
+    """Offsets inside one image are 32-bit: a clear ValueError past 2^31 elements, before
+    anything is allocated (an expanded tensor has 2^32 logical elements, no storage)."""
+    ok = dict(n=256, cin=256, h=56, w=56, cout=256, kh=3, kw=3, ho=56, wo=56)
+    tconv._check_index_range(**ok)
+    for key, val in [("cin", 2 ** 12), ("n", 2 ** 12)]:
+        big = dict(ok, h=1024, w=1024, ho=1024, wo=1024, **{key: val})
+        with pytest.raises(ValueError, match="32-bit"):
+            tconv._check_index_range(**big)
+    with pytest.raises(ValueError, match="weight"):
+        tconv._check_index_range(**dict(ok, cin=2 ** 16, cout=2 ** 12))
+    with pytest.raises(ValueError, match="residual"):
+        tconv._check_index_range(**ok, residual_shape=(256, 2 ** 11, 1024, 1024))
+    x = torch.zeros(1, 1, 1, 1, device=DEV).expand(1, 2 ** 12, 2 ** 10, 2 ** 10)
+    w = torch.zeros(16, 2 ** 12, 1, 1, device=DEV)
+    _bad(ValueError, "32-bit", x, w)
+
+
+def test_autotune_key_and_m_bucket():
+    keys = tconv._conv_fwd_autotuned.keys
+    for k in ["DOT_PRECISION", "RES_MODE", "HAS_BIAS", "RELU", "STATS", "PROLOGUE", "CIN",
+              "COUT", "KH", "KW", "SH", "SW", "PH", "PW", "M_BUCKET"]:
+        assert k in keys, k
+    assert "M" not in keys  # every new batch size would re-tune
+    assert [tconv._next_pow2(v) for v in (1, 2, 3, 1000, 1024, 1025)] == [
+        1, 2, 4, 1024, 1024, 2048]
+
+
+def test_device_guard(monkeypatch):
+    """Triton launches on the current device: the launch must run under x's device."""
+    entered = []
+
+    class _Dev:
+        def __init__(self, d):
+            self.d = d
+
+        def __enter__(self):
+            entered.append(self.d)
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", _Dev)
+    with tconv._device_guard(torch.device("cuda", 1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with tconv._device_guard(torch.device("cpu")):
+        pass
+    assert len(entered) == 1
+    # and _launch uses it, with x's device
+    seen = []
+    real = tconv._device_guard
+    monkeypatch.setattr(tconv, "_device_guard", lambda d: seen.append(d) or real(d))
+    x = _rand(1, 3, 4, 4)
+    tconv.conv2d_fused(x, _rand(16, 3, 3, 3), None, 1, 1)
+    assert seen == [x.device]
+
+
+def test_smem_limit_from_device(monkeypatch):
+    """The pruning limit is the device's opt-in shared memory (an A100 has 163 KiB, less
+    than the old fixed 200 KiB), not a constant."""
+    class _Props:
+        shared_memory_per_block_optin = 166912
+
+    monkeypatch.setattr(tconv, "_smem_cache", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Props())
+    assert tconv._smem_limit(torch.device("cuda", 3)) == 166912
+    assert tconv._smem_limit(torch.device("cpu")) == tconv._SMEM_FALLBACK
+    cfgs = tconv._GPU_CONFIGS
+    # fp32 (4-byte) 128x128x64 with 3 stages needs 196608 bytes: not on an A100
+    big = [c for c in cfgs if tconv.smem_estimate(c, 4) > 166912]
+    assert big
+    kept = tconv._fitting_configs(cfgs, 512, 512, 4, 1, 166912)
+    assert kept and not any(c in kept for c in big)
+    assert all(tconv.smem_estimate(c, 4) <= 166912 for c in kept)
+
+
+def test_deterministic_mode(monkeypatch):
+    """Pinned configs: a pure function of shape and device (same on every rank)."""
+    monkeypatch.delenv("SDKERNELS_TRITON_DETERMINISTIC", raising=False)
+    assert not tconv.deterministic_mode()
+    monkeypatch.setenv("SDKERNELS_TRITON_DETERMINISTIC", "1")
+    assert tconv.deterministic_mode()
+    cfgs = tconv._GPU_CONFIGS
+    pick = tconv._heuristic_config(16, 16, 128 * 32 * 32, 2, 0, 232448, cfgs)
+    assert pick.kwargs["BLOCK_N"] == 16 and pick.kwargs["BLOCK_K"] == 16  # CIFAR stage 1
+    assert tconv._heuristic_config(16, 16, 128 * 32 * 32, 2, 0, 232448, cfgs) is pick
+    wide = tconv._heuristic_config(256, 256, 128 * 14 * 14, 2, 0, 232448, cfgs)
+    assert wide.kwargs["BLOCK_N"] == 128 and wide.kwargs["BLOCK_K"] == 64
+    for cin, cout, m in [(3, 64, 10 ** 6), (2048, 512, 6272), (64, 64, 100)]:
+        for es, dp in [(2, 0), (4, 1), (4, 2)]:
+            c = tconv._heuristic_config(cin, cout, m, es, dp, 166912, cfgs)
+            assert tconv.config_selectable(c, es, dp, 166912)
+    # the pinned launch path (raw kernel + config) computes the same thing
+    x = _rand(2, 5, 6, 6)
+    w = _rand(16, 5, 3, 3, scale=0.2)
+    y, s, ss = tconv.conv2d_fused(x, w, None, 1, 1, stats=True, allow_tf32=False)
+    monkeypatch.delenv("SDKERNELS_TRITON_DETERMINISTIC")
+    y2, s2, ss2 = tconv.conv2d_fused(x, w, None, 1, 1, stats=True, allow_tf32=False)
+    assert torch.equal(y, y2) and torch.equal(s, s2) and torch.equal(ss, ss2)
+
+
+def test_aot_variants_match_the_kernel():
+    """The AOT variant list (tools/gpu_static_report.py) describes the real kernel."""
+    names = list(tconv._conv_fwd_kernel.arg_names)
+    vs = tconv.aot_variants()
+    assert len(vs) == 16 and len({v["name"] for v in vs}) == 16
+    cfg_keys = set(tconv._GPU_CONFIGS[0].kwargs)
+    for v in vs:
+        assert list(v["signature"]) == names
+        const = {a for a, t in v["signature"].items() if t == "constexpr"}
+        assert const == set(v["constexprs"]) | cfg_keys
+        assert set(v["divisible_by_16"]) <= set(names)
+    combos = {(v["signature"]["x_ptr"], v["dot_precision"], v["constexprs"]["PROLOGUE"],
+               bool(v["divisible_by_16"])) for v in vs}
+    assert len(combos) == 16
+
+
+def test_alignment_class_and_unaligned_configs():
+    """Unaligned problems (Cin = 3, odd channels, misaligned tensors) compile a variant
+    with scalar loads: only the small tiles that the static report shows spill-free."""
+    x = torch.empty(64, device=DEV)
+    ok = dict(x_ptr=x, w_ptr=x, y_ptr=x, res_ptr=x, CIN=64, COUT=128, srn=0, srh=0, srw=0)
+    assert tconv._is_aligned_call(ok)
+    assert not tconv._is_aligned_call(dict(ok, CIN=3))
+    assert not tconv._is_aligned_call(dict(ok, x_ptr=x[1:]))
+    assert not tconv._is_aligned_call(dict(ok, x_ptr=x[1:]), by_offset=True)
+    small = tconv._fitting_configs(tconv._GPU_CONFIGS, 256, 256, 2, 0, 232448, aligned=False)
+    assert small
+    for c in small:
+        kw = c.kwargs
+        assert (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] <= 20 * 32 * c.num_warps
+    big = tconv._fitting_configs(tconv._GPU_CONFIGS, 256, 256, 2, 0, 232448, aligned=True)
+    assert len(big) > len(small)
