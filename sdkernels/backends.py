@@ -20,6 +20,15 @@ least as fast as the module path and every ``gpu`` test passing: the fused CUDA 
 been compiled, linked and dry-run under fake tensors, but never timed on a GPU
 (docs/design.md, "Defaults follow evidence"). ``use_backend("extension")`` or
 ``use_backend("triton")`` opts in; :func:`backend_info` says why.
+
+Testing seam (:func:`dry_run_cuda`, off by default): the dry run of the CUDA paths on a
+machine without a GPU (``sdkernels.bench.dryrun``) runs forward passes on fake CUDA
+tensors and whole training steps on ``meta`` tensors, because the autograd engine needs
+a real CUDA context for CUDA tensors (pytorch #92627). Inside the seam
+:func:`effective_device_type` maps ``meta`` to ``cuda``, so the library picks exactly
+the implementations it would pick on a GPU, and a CUDA backend counts as available when
+its ops have fake/meta kernels (no kernel runs on fake or meta tensors). It is the one
+process-wide switch besides the forced backend; nothing else reads hidden state.
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["BACKENDS", "BackendInfo", "backend_info", "use_backend", "resolve_backend",
-           "auto_reason", "BackendUnavailableError"]
+           "auto_reason", "BackendUnavailableError", "effective_device_type", "dry_run_cuda"]
 
 BACKENDS = ("extension", "triton", "reference")
 
@@ -53,6 +62,57 @@ _UNMEASURED_FUSED: dict[str, str] = {
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run here."""
+
+
+# Testing seam (module doc): a plain global, like _forced, so that the check costs one
+# read per op and torch.compile can guard on it.
+_dry_run_cuda = False
+
+
+def effective_device_type(device: torch.device | str) -> str:
+    """The device type whose implementation runs on ``device``.
+
+    Its own type, except inside :func:`dry_run_cuda`, where ``meta`` tensors stand for
+    CUDA tensors. Every library check of "is this CUDA?" goes through here.
+    """
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if _dry_run_cuda and device_type == "meta":
+        return "cuda"
+    return device_type
+
+
+@contextlib.contextmanager
+def dry_run_cuda():
+    """TESTING SEAM: inside, the library treats ``meta`` tensors as CUDA tensors.
+
+    For dry runs on fake CUDA or meta tensors only (``sdkernels.bench.dryrun``): a CUDA
+    backend counts as available when its ops have fake/meta kernels, even where the
+    extension has no CUDA kernels or no GPU is present, so real CUDA tensors must not
+    reach the ops inside. Not for use in training code.
+    """
+    global _dry_run_cuda
+    previous, _dry_run_cuda = _dry_run_cuda, True
+    try:
+        yield
+    finally:
+        _dry_run_cuda = previous
+
+
+def _dry_run_status(name: str) -> tuple[bool, str]:
+    """Availability on CUDA inside the seam: the ops' fake/meta kernels are present."""
+    from .ops import extension
+
+    if name == "reference":
+        return True, ""
+    if not extension.is_available():
+        return False, f"compiled extension not loaded: {extension.unavailable_reason()}"
+    if name == "triton":
+        from .ops import triton as tri
+
+        why = tri._triton_missing()
+        if why is not None:
+            return False, why
+    return True, ""
 
 
 def _extension_status(device_type: str) -> tuple[bool, str]:
@@ -86,6 +146,8 @@ _status_cache: dict[tuple[str, str], tuple[bool, str]] = {}
 
 def _status(name: str, device_type: str) -> tuple[bool, str]:
     """(available, why not) of a backend on a device type; fixed for the process."""
+    if _dry_run_cuda and device_type == "cuda":
+        return _dry_run_status(name)  # never cached: the seam is temporary
     key = (name, device_type)
     if key not in _status_cache:
         if name == "extension":
@@ -104,7 +166,7 @@ def _check_name(name: str) -> None:
 
 def resolve_backend(device: torch.device | str) -> str:
     """The backend that runs ops on ``device`` now (forced or automatic)."""
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    device_type = effective_device_type(device)
     if _forced is not None:
         ok, why = _status(_forced, device_type)
         if not ok:

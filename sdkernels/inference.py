@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import effective_device_type
+
 __all__ = ["fold_conv_bn", "FoldedConv", "FoldedBlock", "fold_block", "block_eval",
            "block_eval_reference", "clear_cache", "can_fold", "conv_bn_relu_eval"]
 
@@ -126,7 +128,10 @@ def _stages_key(stages, gate_scale, dtype, device):
     for conv, bn in stages:
         parts.append(bn.eps)
         for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var):
-            parts.append(None if t is None else (id(t), t.data_ptr(), t._version))
+            # the storage (not data_ptr, which fake tensors refuse) changes when a
+            # parameter's .data is replaced
+            parts.append(None if t is None else (id(t), t.untyped_storage()._cdata,
+                                                 t._version))
     return tuple(parts)
 
 
@@ -246,11 +251,12 @@ def _ones(b: torch.Tensor) -> torch.Tensor:
 def block_eval(block, x: torch.Tensor, gate_scale: float, backend: str) -> torch.Tensor:
     """relu(shortcut(x) + gate_scale * f(x)) in eval, folded; output in channels_last."""
     dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dev = effective_device_type(x.device)  # meta stands for cuda in a dry run
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
     xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
     fb = fold_block(block, float(gate_scale), dtype, x.device)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(dev, enabled=False):
         if x.device.type == "cpu" and backend == "extension":
             out = _block_eval_cpu(fb, xc)
         elif backend == "triton" and _triton_shortcut(block, fb) is not None and all(
@@ -277,12 +283,13 @@ def conv_bn_relu_eval(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     the blocks' eval outputs are.
     """
     dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dev = effective_device_type(x.device)  # meta stands for cuda in a dry run
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
     xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
     fc = _cached(owner, _STEM_CACHE_ATTR, _stages_key([(conv, bn)], 1.0, dtype, x.device),
                  lambda: _fold_one(conv, bn, 1.0, dtype))
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(dev, enabled=False):
         if x.device.type == "cpu":
             return _epilogue_(_conv(xc, fc, bias=False), fc)
         return torch.relu(_conv(xc, fc))

@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..backends import effective_device_type
 from . import reference
 
 __all__ = ["ConvBN", "Kernels", "REFERENCE_KERNELS", "extension_kernels", "triton_kernels",
@@ -340,7 +341,7 @@ def residual_branch_train(x: torch.Tensor, residual: Optional[torch.Tensor],
     """
     if x.dim() != 4:
         raise ValueError(f"residual_branch_train: expected a 4-D input, got {x.dim()}-D")
-    dev = x.device.type
+    dev = effective_device_type(x.device)  # autocast state of the device it stands for
     if torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)
         x = x.to(cdt)
@@ -414,7 +415,7 @@ def conv_bn_relu_train(x: torch.Tensor, stage: ConvBN, kernels: Kernels) -> torc
     """
     if x.dim() != 4:
         raise ValueError(f"conv_bn_relu_train: expected a 4-D input, got {x.dim()}-D")
-    dev = x.device.type
+    dev = effective_device_type(x.device)  # autocast state of the device it stands for
     w = stage.weight
     if torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)
