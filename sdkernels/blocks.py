@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import inference, ops
-from .gates import GateGenerator, default_generator
+from .gates import GateGenerator, default_generator, survivors
 from .ops import reference
 from .schedule import check_prob
 
@@ -46,10 +46,16 @@ def _choice(value, allowed, what):
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Host-drawn gates go to the GPU without blocking the host (pinned, non_blocking).
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    """A host-drawn gate tensor on ``device``: a host->device copy, never a sync."""
+    if device.type == "cpu":
+        return t
+    # From pinned memory a non_blocking copy neither blocks the host nor waits for the
+    # stream (from pageable memory CUDA would). Pinning needs a real CUDA runtime: a dry
+    # run on fake tensors has none, and only records the copy. empty + copy_ rather than
+    # .to(): a CPU-only torch refuses .to("cuda") even for fake tensors.
+    if device.type == "cuda" and torch.cuda.is_available():
+        t = t.pin_memory()
+    return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t, non_blocking=True)
 
 
 def _is_identity(m) -> bool:
@@ -184,6 +190,7 @@ class StochasticDepthBlock(nn.Module):
         self.dropped_grads = dropped_grads
         self.drop_impl = drop_impl
         self.last_gate = None
+        self._gate_key = None  # position in the generator's step draw (GateGenerator.bind)
         self._sd_origin = None  # what revert() rebuilds; set by convert()
 
     # -- settable, validated attributes (users inspect and anneal them) ---------------
@@ -325,14 +332,14 @@ class StochasticDepthBlock(nn.Module):
         return stages
 
     def _active_rows(self, x, keep: torch.Tensor, gate_scale: float):
-        # keep is a CPU bool tensor: the number of survivors is known on the host
-        # without a device sync.
-        n_keep = int(keep.sum())
+        # keep is a CPU bool tensor: the survivors are known on the host without a
+        # device sync; only their indices are copied to the device.
+        n_keep, idx = survivors(keep)
         if n_keep == 0:
             return self._dropped(x)
         if n_keep == x.shape[0]:
             return self._active(x, gate_scale)
-        idx = _to_device(keep.nonzero().squeeze(1), x.device)
+        idx = _to_device(idx, x.device)
         m = self.shortcut_module
         sc = self._shortcut(x)
         t = self._branch_tail(x.index_select(0, idx),
@@ -350,14 +357,17 @@ class StochasticDepthBlock(nn.Module):
         if not self.training:
             return self._active(x, p if self._scaling == "test" else 1.0)
         s = 1.0 if self._scaling == "test" else 1.0 / p
+        # design §2: the whole step's gates come from one draw, and a recomputation
+        # (activation checkpointing) gets this block's gate of the forward again
         gen = self._generator()
+        key = self._gate_key if self._gate_key is not None else ("block", id(self))
         if self._mode == "batch":
-            gate = gen.batch(p)
+            gate = gen.gate(key, p)
             self.last_gate = gate
             if self._drop_impl == "mask":
                 return self._mask_forward(x, torch.full((1,), gate, device=x.device), s)
             return self._active(x, s) if gate else self._dropped(x)
-        keep = gen.rows(p, x.shape[0])
+        keep = gen.gate(key, p, x.shape[0])
         self.last_gate = keep
         if self._drop_impl == "mask":
             return self._mask_forward(x, _to_device(keep, x.device), s)

@@ -176,6 +176,8 @@ def convert(model: nn.Module, p_last: float = 0.5, schedule="linear", mode: str 
         sd.gate_generator = gen
         if sd is not block:
             _set_child(model, qual, sd)
+    gen.bind(b for b in model.modules() if isinstance(b, StochasticDepthBlock)
+             and b.gate_generator is gen)
     return model
 
 

@@ -11,9 +11,26 @@ run in a training step. They are drawn on the CPU from a ``torch.Generator`` hel
 * every rank of a distributed job that uses the same seed draws the same gates;
 * the state can be saved and restored for an exact resume.
 
+Draws and the host arithmetic on drawn gates (:func:`survivors`) run with PyTorch's
+dispatch modes switched off: under ``FakeTensorMode`` (the dry run of the CUDA paths,
+``sdkernels.bench.dryrun``) or any other mode they still consume the real generator
+exactly as an ordinary step does, and return real host values, so a dry run neither
+fails on ``.item()`` nor shifts the gate sequence.
+
 A model made by :func:`sdkernels.convert` or :func:`sdkernels.models.cifar_resnet`
 shares one generator between all of its blocks; blocks built by hand use the library's
 default generator unless given one (see :func:`manual_seed`).
+
+Gates per step (design §2). Blocks ask :meth:`GateGenerator.gate` for their gate. All
+the gates of one training forward are drawn at once, with one host draw, when the first
+block of that forward asks (a model whose blocks were bound with :meth:`GateGenerator.bind`
+gets a [blocks, rows] uniform matrix; each block compares its row with its own p_l). A
+block that asks again while autograd is running a backward pass is being recomputed
+(activation checkpointing: ``torch.utils.checkpoint`` reentrant or not,
+``checkpoint_sequential``, timm's ``set_grad_checkpointing``) and gets the gate it had in
+the forward, so the recomputation runs the same network. A block that asks again outside
+a backward pass starts the next step. The last step's gates stay readable
+(:func:`gate_record`).
 """
 from __future__ import annotations
 
@@ -22,6 +39,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = [
     "GateGenerator",
@@ -31,7 +49,31 @@ __all__ = [
     "generators_of",
     "gate_state",
     "load_gate_state",
+    "survivors",
+    "gate_record",
 ]
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _Step:
+    """The gates of one training forward: a uniform matrix drawn once, and what each
+    block took from it."""
+
+    __slots__ = ("uniforms", "gates")
+
+    def __init__(self, uniforms):
+        self.uniforms = uniforms  # [bound blocks, rows] CPU float tensor, or None
+        self.gates: dict = {}     # block key -> bool (batch) or CPU bool tensor (rows)
+
+
+def _host():
+    """No dispatch mode (FakeTensorMode, a recorder...) sees host-side gate work: gates
+    are real host values whatever mode the model runs under."""
+    return _disable_current_modes()
 
 
 class GateGenerator:
@@ -47,28 +89,80 @@ class GateGenerator:
                               "the same seed= on every rank", RuntimeWarning, stacklevel=2)
         else:
             self.manual_seed(seed)
+        self._bound = 0
+        self._step: _Step | None = None
 
     def manual_seed(self, seed: int) -> "GateGenerator":
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self._gen.manual_seed(seed)
         self.initial_seed = seed
+        self._step = None
         return self
+
+    def bind(self, blocks) -> None:
+        """Number ``blocks`` (in forward order) so that a step draws all their gates at
+        once; each block's key becomes its position. Called by ``convert`` and the
+        model builders; blocks left unbound draw their own gate when they first ask."""
+        blocks = list(blocks)
+        for i, b in enumerate(blocks):
+            b._gate_key = i
+        self._bound = len(blocks)
+        self._step = None
+
+    @torch.compiler.disable
+    def gate(self, key, p: float, rows: int | None = None):
+        """The gate of block ``key`` in the current training forward.
+
+        ``rows=None``: one gate for the mini-batch (a bool); else a CPU bool tensor with
+        one gate per row. The first ask of a forward draws the whole step; an ask from a
+        block that already has its gate is a recomputation inside a backward pass (the
+        same gate again) or else the start of the next step.
+        """
+        with _host():
+            step = self._step
+            if step is None or (key in step.gates and not _in_backward()):
+                n = 1 if rows is None else max(int(rows), 1)
+                u = (torch.rand((self._bound, n), generator=self._gen)
+                     if self._bound else None)
+                step = self._step = _Step(u)
+            g = step.gates.get(key)
+            if g is None:
+                g = step.gates[key] = self._decide(step.uniforms, key, p, rows)
+            return g
+
+    def _decide(self, u, key, p, rows):
+        if isinstance(key, int) and u is not None and key < u.shape[0]:
+            if rows is None:
+                return bool(u[key, 0].item() < p)
+            if rows == u.shape[1]:
+                return u[key] < p
+        # unbound block, or a row count the step was not drawn for: a draw of its own
+        if rows is None:
+            return bool(torch.rand((), generator=self._gen).item() < p)
+        return torch.rand((rows,), generator=self._gen) < p
+
+    def last_step(self) -> dict:
+        """Block key -> gate of the latest training forward (empty before the first)."""
+        return dict(self._step.gates) if self._step is not None else {}
 
     # The draws are kept out of torch.compile graphs: traced, they would become
     # constants and every step would reuse the gates of the step that was traced.
     @torch.compiler.disable
     def batch(self, p: float) -> bool:
         """One gate for the whole mini-batch: True with probability p."""
-        return bool(torch.rand((), generator=self._gen).item() < p)
+        with _host():
+            return bool(torch.rand((), generator=self._gen).item() < p)
 
     @torch.compiler.disable
     def rows(self, p: float, n: int) -> torch.Tensor:
         """One gate per sample: a CPU bool tensor of shape [n]."""
-        return torch.rand((n,), generator=self._gen) < p
+        with _host():
+            return torch.rand((n,), generator=self._gen) < p
 
     def state_dict(self) -> dict:
-        return {"initial_seed": self.initial_seed, "state": self._gen.get_state()}
+        return {"initial_seed": self.initial_seed, "state": self._gen.get_state(),
+                "bound": self._bound}
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -77,6 +171,7 @@ class GateGenerator:
             raise ValueError("not a GateGenerator state_dict: expected a dict with 'state'") from None
         self._gen.set_state(rng_state)
         self.initial_seed = state.get("initial_seed", self.initial_seed)
+        self._step = None  # a resumed run starts a fresh step
 
     # torch.Generator cannot be deep-copied or pickled itself; copies of a model
     # (convert(inplace=False), torch.save of a whole model) carry the state instead.
@@ -86,6 +181,8 @@ class GateGenerator:
     def __setstate__(self, state):
         self._gen = torch.Generator(device="cpu")
         self.initial_seed = None
+        self._bound = state.get("bound", 0) if isinstance(state, dict) else 0
+        self._step = None
         self.load_state_dict(state)
 
     def __deepcopy__(self, memo):
@@ -113,8 +210,16 @@ class FixedGates(GateGenerator):
         return self.active
 
     @torch.compiler.disable
+    def gate(self, key, p: float, rows: int | None = None):
+        if rows is None:
+            return self.active
+        with _host():
+            return torch.full((rows,), self.active, dtype=torch.bool)
+
+    @torch.compiler.disable
     def rows(self, p: float, n: int) -> torch.Tensor:
-        return torch.full((n,), self.active, dtype=torch.bool)
+        with _host():
+            return torch.full((n,), self.active, dtype=torch.bool)
 
     def __reduce__(self):
         return (FixedGates, (self.active,))
@@ -124,6 +229,20 @@ class FixedGates(GateGenerator):
 
     def __repr__(self):
         return f"FixedGates(active={self.active})"
+
+
+@torch.compiler.disable
+def survivors(keep: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(number of surviving rows, their indices as a CPU int64 tensor) of row gates.
+
+    ``keep`` is a host (CPU) bool tensor from :meth:`GateGenerator.rows`: both answers
+    are known on the host without touching the device.
+    """
+    with _host():
+        if keep.device.type != "cpu":
+            raise ValueError(f"row gates must be a CPU tensor (drawn on the host), got "
+                             f"one on {keep.device}")
+        return int(keep.sum()), keep.nonzero().squeeze(1)
 
 
 _default = GateGenerator()
@@ -159,8 +278,20 @@ def gate_state(model: nn.Module) -> list[dict]:
 
 def load_gate_state(model: nn.Module, state: list[dict]) -> None:
     """Restore what :func:`gate_state` returned (on the same model architecture)."""
+    if not isinstance(state, (list, tuple)):
+        raise TypeError(f"load_gate_state expects the list that gate_state(model) returned, "
+                        f"got {type(state).__name__}")
     gens = generators_of(model)
     if len(gens) != len(state):
         raise ValueError(f"gate state holds {len(state)} generators, model uses {len(gens)}")
     for g, s in zip(gens, state):
         g.load_state_dict(s)
+
+
+def gate_record(model: nn.Module) -> list:
+    """The gates of ``model``'s latest training forward, one per stochastic-depth block in
+    forward order: a bool (batch mode: did the block run), a CPU bool tensor (row mode:
+    which rows ran) or None (the block has not trained yet). For logging."""
+    from .blocks import StochasticDepthBlock
+
+    return [m.last_gate for m in model.modules() if isinstance(m, StochasticDepthBlock)]

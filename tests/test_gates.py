@@ -95,3 +95,46 @@ def test_bad_state_is_rejected():
         sdkernels.load_gate_state(sdkernels.models.cifar_resnet(20), [])
     with pytest.raises(TypeError):
         GateGenerator("seed")
+
+
+def test_gates_under_fake_tensor_mode_draw_the_same_sequence():
+    # The dry run of the CUDA paths runs models under FakeTensorMode (and a recording
+    # dispatch mode): the draws must still be real host values from the real generator,
+    # the same sequence as without any mode, and nothing of it reaches the modes.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def draws(g):
+        out = [g.batch(0.5) for _ in range(20)]
+        keep = g.rows(0.5, 9)
+        n, idx = sdkernels.gates.survivors(keep)
+        return out, keep.tolist(), n, idx.tolist()
+
+    want = draws(GateGenerator(seed=7))
+    g = GateGenerator(seed=7)
+    seen = Seen()
+    with FakeTensorMode(), seen:
+        got = draws(g)
+    assert got == want
+    assert seen.ops == []
+    assert want[2] == sum(want[1]) and want[3] == [i for i, k in enumerate(want[1]) if k]
+    # and the generator state moved exactly as it does without modes
+    ref = GateGenerator(seed=7)
+    draws(ref)
+    assert torch.equal(g.state_dict()["state"], ref.state_dict()["state"])
+
+
+def test_survivors_rejects_device_gates():
+    import pytest
+
+    with pytest.raises(ValueError, match="CPU tensor"):
+        sdkernels.gates.survivors(torch.ones(3, dtype=torch.bool, device="meta"))

@@ -97,6 +97,9 @@ def cifar_resnet(depth: int = 110, num_classes: int = 10, p_last: float = 0.5,
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     n = (depth - 2) // 6
     probs = survival_probs(3 * n, p_last, schedule)
-    kw = dict(mode=mode, scaling=scaling, gate_generator=GateGenerator(seed),
+    gen = GateGenerator(seed)
+    kw = dict(mode=mode, scaling=scaling, gate_generator=gen,
               survival_probs=probs, **block_kwargs)
-    return CifarResNet(n, num_classes, kw)
+    model = CifarResNet(n, num_classes, kw)
+    gen.bind(m for m in model.modules() if isinstance(m, StochasticDepthBlock))
+    return model
