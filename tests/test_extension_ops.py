@@ -8,6 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import max_err as _max_err
+from helpers import per_channel as _per_channel
+from helpers import relayout as _relayout
+from helpers import upcast as _upcast
 from sdkernels.ops import extension
 from sdkernels.ops import reference as R
 
@@ -41,27 +45,6 @@ def _bop(*args):
     return torch.ops.sdkernels.scale_bias_add_relu_backward(*args)
 
 
-def _per_channel(v, ndim):
-    return v.reshape((1, -1) + (1,) * (ndim - 2))
-
-
-def _relayout(t, layout):
-    """Same values as t, in another memory layout (possibly non-contiguous)."""
-    if layout == "channels_last":
-        if t.dim() == 4:
-            return t.contiguous(memory_format=torch.channels_last)
-        if t.dim() == 5:
-            return t.contiguous(memory_format=torch.channels_last_3d)
-        return t
-    if layout == "sliced":  # every other element of a 2x wider last dim
-        big = torch.zeros(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype, device=t.device)
-        big[..., ::2] = t
-        return big[..., ::2]
-    if layout == "transposed":  # first and last dim swapped in memory
-        return t.transpose(0, -1).contiguous().transpose(0, -1)
-    return t.contiguous()
-
-
 def make_inputs(shape, dtype=torch.float64, param_dtype=None, layout="contiguous",
                 margin=None, seed=0, device="cpu"):
     """x, scale, bias, residual with fp64 values; with `margin`, every pre-activation
@@ -90,10 +73,6 @@ def make_inputs(shape, dtype=torch.float64, param_dtype=None, layout="contiguous
 def _expected_channels_last(x):
     return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
             and not x.is_contiguous())
-
-
-def _upcast(*ts):
-    return [t.double() for t in ts]
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,10 +147,6 @@ def test_float64_x_with_float32_params():
     assert gx.dtype == torch.float64 and gs.dtype == gb.dtype == torch.float32
     ref = R.scale_bias_add_relu_backward(torch.ones_like(x), out, x, s.double())
     torch.testing.assert_close(gs.double(), ref[1], rtol=1e-6, atol=1e-6)
-
-
-def _max_err(a, ref):
-    return (a.double() - ref).abs().max().item() if ref.numel() else 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

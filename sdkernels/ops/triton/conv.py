@@ -1,9 +1,9 @@
 """Fused implicit-GEMM conv2d (NHWC) with a BN-apply prologue and a fused epilogue.
 
 What it fuses (all optional; PROLOGUE is a compile-time flag, the epilogue flags are
-runtime arguments: a uniform branch costs nothing next to the tile's MMAs, and one
-compiled variant per dtype x PROLOGUE keeps JIT time and the static resource check
-small)::
+runtime arguments: a uniform branch per tile should cost little next to the tile's MMAs
+(not yet measured on a GPU), and one compiled variant per dtype x PROLOGUE keeps JIT
+time and the static resource check small)::
 
     x'  = relu(x * pscale[ci] + pshift[ci])          PROLOGUE, on in-bounds inputs only
     acc = conv2d(x', W)                               fp32 accumulation
@@ -282,18 +282,18 @@ def _cfg(bm, bn, bk, warps, stages):
                          num_warps=warps, num_stages=stages)
 
 
-# GPU candidates (H100 / A100). Tiles cover Cout from 16 (CIFAR stage 1) to 2048 and
-# Cin*kh*kw from 27 (stem) to 4608; configs too wide for the problem or too big for the
-# device's shared memory are pruned per call (_prune_configs). Every config here passes
-# tools/gpu_static_report.py (no spills, fits shared memory) on sm_90a and sm_80 for every
-# variant the launcher compiles; a config that needs a dtype-specific exclusion says so
-# in _config_allowed.
-_GPU_CONFIGS = [
-    # (128x256 and 256x128 with 8 warps and 128x128 with 4 warps were dropped: 128 fp32
-    # accumulators per thread plus the operand fragments spill on both archs, static
-    # report; 64 per thread is the most that fits)
+# GPU candidates (H100 / A100), one list per dot precision class: a config's register
+# need depends on how tl.dot is lowered (wgmma / mma.sync for fp16, bf16 and tf32; FMAs
+# for IEEE fp32). Tiles cover Cout from 16 (CIFAR stage 1) to 2048 and Cin*kh*kw from 27
+# (stem) to 4608; configs too wide for the problem or too big for the device's shared
+# memory are pruned per call (_prune_configs). Every config of a class passes
+# tools/gpu_static_report.py (no spills, fits shared memory) on sm_90a and sm_80 for
+# every variant of that class the launcher compiles. Dropped after the static report:
+# 128x256 and 256x128 with 8 warps, 128x128x32 with 4 warps (128 accumulators per
+# thread spill everywhere); 128x64x64/4 warps (spills with the prologue on sm_90a);
+# 128x32x16/4 warps (spills on sm_80); for tf32 also 64x64x64/4 warps (sm_80).
+_TC_CONFIGS = [
     _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 64, 64, 4, 4),
     _cfg(64, 128, 64, 4, 4),
     _cfg(64, 64, 64, 4, 3),
     _cfg(256, 64, 32, 8, 3),
@@ -304,10 +304,34 @@ _GPU_CONFIGS = [
     _cfg(256, 16, 16, 8, 3),
     _cfg(64, 16, 16, 2, 4),
     # Cin <= 16 (CIFAR stage 1, the stem) with wider Cout: BLOCK_K 16, wider BLOCK_N
-    _cfg(128, 32, 16, 4, 4),
     _cfg(128, 64, 16, 4, 4),
     _cfg(64, 64, 16, 4, 4),
 ]
+# IEEE fp32 has no tensor-core path: the FMA lowering keeps operand fragments in
+# registers, so small K tiles and at most 32 accumulators per thread; with the prologue
+# on unaligned data 16 A elements per thread spilled (static report), these keep <= 8.
+_IEEE_CONFIGS = [
+    _cfg(128, 64, 16, 8, 2),
+    _cfg(64, 32, 16, 4, 3),
+    _cfg(32, 32, 16, 4, 2),
+    _cfg(64, 16, 16, 4, 2),
+    _cfg(32, 16, 16, 2, 2),
+]
+
+
+def _key(cfg):
+    return (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+
+
+_TF32_EXCLUDED = {_key(_cfg(64, 64, 64, 4, 3))}
+_CLASS_KEYS = {
+    0: {_key(c) for c in _TC_CONFIGS},                       # fp16 / bf16
+    1: {_key(c) for c in _TC_CONFIGS} - _TF32_EXCLUDED,      # tf32
+    2: {_key(c) for c in _IEEE_CONFIGS},                     # IEEE fp32
+}
+# One autotuner over the union; _prune_configs keeps the call's class.
+_GPU_CONFIGS = _TC_CONFIGS + [c for c in _IEEE_CONFIGS
+                              if _key(c) not in {_key(t) for t in _TC_CONFIGS}]
 # Interpreter: one small config (autotuning there is slow and means nothing). BLOCK_N/K
 # = 16 exercise multi-tile channel masks at test shapes with 20 channels.
 _INTERP_CONFIGS = [_cfg(32, 16, 16, 1, 1)]
@@ -350,6 +374,9 @@ def config_selectable(cfg, elsize: int, dot_precision: int, smem_limit: int,
 
 def _config_allowed(cfg, dot_precision, aligned=True) -> bool:
     kw = cfg.kwargs
+    # the interpreter computes every class in fp32 numpy (DOT_PRECISION 3 is its bf16)
+    if not INTERPRET and _key(cfg) not in _CLASS_KEYS.get(dot_precision, _CLASS_KEYS[0]):
+        return False
     if not aligned:
         # Without 16-byte alignment the tile loads are scalar: one 64-bit address per
         # element, and the software pipeline keeps num_stages tiles of them in registers
@@ -359,11 +386,6 @@ def _config_allowed(cfg, dot_precision, aligned=True) -> bool:
         per_thread = ((kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"]) // (32 * cfg.num_warps)
         if per_thread > 20:
             return False
-    # IEEE fp32 has no tensor-core path: tl.dot becomes FMAs whose operand fragments
-    # live in registers; 64 accumulators per thread spilled with the prologue (static
-    # report, 128x128/8 warps), so at most 32.
-    if dot_precision == 2:
-        return kw["BLOCK_M"] * kw["BLOCK_N"] <= 32 * 32 * cfg.num_warps
     return True
 
 

@@ -1,0 +1,74 @@
+"""Helpers shared by the compiled-extension op tests (test_extension_ops.py,
+test_extension_bn_ops.py): layouts, per-channel broadcasting and error measures.
+
+tests/ is on sys.path under pytest, so test files import this as ``from helpers import``.
+Nothing here touches CUDA at import time.
+"""
+from __future__ import annotations
+
+import torch
+
+LOW = (torch.float16, torch.bfloat16)
+
+
+def per_channel(v, ndim):
+    """A [C] vector shaped to broadcast over [N, C, ...] with `ndim` dims."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def channels_last_format(t):
+    """The channels-last memory format for t's rank (contiguous below 4-D)."""
+    if t.dim() == 4:
+        return torch.channels_last
+    if t.dim() == 5:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def relayout(t, layout, device=None):
+    """Same values as t (moved to `device` if given), in another memory layout.
+
+    contiguous; channels_last (4-D/5-D only, other ranks unchanged); sliced (every other
+    element of a 2x wider last dim); transposed (first and last dim swapped in memory, not
+    dense); misaligned (dense, channels-last for 4-D/5-D, but starting one element into
+    its storage, so kernels cannot use 16-byte vector accesses on it).
+    """
+    if device is not None:
+        t = t.to(device)
+    if layout == "channels_last":
+        return t.contiguous(memory_format=channels_last_format(t)) if t.dim() in (4, 5) else t
+    if layout == "sliced":
+        big = torch.zeros(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype, device=t.device)
+        big[..., ::2] = t
+        return big[..., ::2]
+    if layout == "transposed":
+        return t.transpose(0, -1).contiguous().transpose(0, -1)
+    if layout == "misaligned":
+        dense = t.contiguous(memory_format=channels_last_format(t))
+        buf = torch.empty(dense.numel() + 1, dtype=t.dtype, device=t.device)
+        view = buf[1:].as_strided(dense.shape, dense.stride())
+        view.copy_(dense)
+        return view
+    return t.contiguous()  # "contiguous", and any name a test file resolves itself
+
+
+def memory_format(t):
+    """torch's suggested memory format of t (what the ops keep for their outputs)."""
+    from torch._prims_common import suggest_memory_format
+    return suggest_memory_format(t)
+
+
+def assert_format_like(out, x):
+    """out has x's shape and is dense in x's suggested memory format."""
+    assert out.shape == x.shape
+    assert out.is_contiguous(memory_format=memory_format(x))
+
+
+def max_err(a, ref):
+    """Largest absolute difference, computed in float64 (0 for empty tensors)."""
+    return (a.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+
+
+def upcast(*ts):
+    """The tensors in float64 (None stays None)."""
+    return [None if t is None else t.double() for t in ts]
