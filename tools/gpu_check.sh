@@ -82,63 +82,7 @@ fi
 step dryrun "$([[ $dry -eq 1 ]] && echo 300 || echo 60)" "$py" -m sdkernels.bench.dryrun --model resnet110 --layout channels_last \
   --dtype bf16 --batch 128 --json "$out/dryrun.json"
 
-step network_step 100 "$py" - "$out/network_step.json" "$dry" <<'EOF'
-# ResNet-110 training step per variant, interleaved (sdkernels.bench harness).
-import copy, contextlib, json, os, sys
-import torch
-import sdkernels
-from sdkernels import backends
-from sdkernels.bench import build_variants, interleaved_timing, make_inputs, make_train_step, summarize
-from sdkernels.bench.env import environment
-
-path, dry = sys.argv[1], sys.argv[2] == "1"
-DEPTH, BATCH = 110, 128
-rounds = 1 if dry else int(os.environ.get("GPU_CHECK_ROUNDS", "20"))
-warmup = 0 if dry else 3
-# dry: meta tensors inside the testing seam stand for CUDA (no autocast on meta: fp32)
-dev = torch.device("meta" if dry else "cuda")
-dtype = torch.float32 if dry else torch.bfloat16
-seam = backends.dry_run_cuda() if dry else contextlib.nullcontext()
-with seam:
-    bm = build_variants(DEPTH, p_last=0.5, schedule="linear", mode="batch", seed=0,
-                        device=dev, variants=("constant", "naive", "sdkernels"))
-    models = {"constant": bm.models["constant"], "naive": bm.models["naive"]}
-    for b in ("reference", "extension", "triton"):
-        models[f"sdkernels[{b}]"] = copy.deepcopy(bm.models["sdkernels"])
-    for m in models.values():
-        m.to(memory_format=torch.channels_last)
-
-    def forced(name, step):
-        b = name[len("sdkernels["):-1] if name.startswith("sdkernels[") else None
-        if b in (None, "reference"):  # the CUDA default is the module path
-            return step
-        def run(x, y):
-            with sdkernels.use_backend(b):
-                return step(x, y)
-        return run
-
-    steps = {n: forced(n, make_train_step(m, dtype=dtype)) for n, m in models.items()}
-    inputs = [(x.contiguous(memory_format=torch.channels_last), y)
-              for x, y in make_inputs(BATCH, num_sets=4, device=dev, seed=0)]
-    times = interleaved_timing(steps, inputs, rounds=rounds, warmup=warmup, device=dev)
-env = environment(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-res = {"dry_run": dry, "depth": DEPTH, "batch": BATCH, "dtype": str(dtype),
-       "layout": "channels_last", "p_last": 0.5, "rounds": rounds, "warmup": warmup,
-       "environment": env, "timing": "none (dry run)" if dry else "CUDA events, median",
-       "variants": {n: summarize(t) for n, t in times.items()}}
-if not dry:
-    base = res["variants"]["constant"]["median"]
-    for n, s in res["variants"].items():
-        s["ratio_to_constant"] = s["median"] / base
-with open(path, "w") as f:
-    json.dump(res, f, indent=1, default=str)
-for n, s in res["variants"].items():
-    if dry:
-        print(f"{n:<22} ran (dry run on meta tensors: no GPU time)")
-    else:
-        print(f"{n:<22} median {s['median'] * 1e3:9.3f} ms  "
-              f"({s['ratio_to_constant']:.3f}x constant)")
-EOF
+step network_step 100 "$py" -m sdkernels.bench.gpu_step "$out/network_step.json" $([[ $dry -eq 1 ]] && echo --dry-run)
 
 if [[ $dry -eq 0 ]]; then
   step targets 60 "$py" -m pytest "$repo/benchmarks/test_fused_targets.py" --benchmark-only \
