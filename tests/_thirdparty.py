@@ -1,14 +1,50 @@
-"""Residual blocks laid out like timm's and like common CIFAR code, for CPU tests.
+"""Third-party residual-block layouts for the conversion tests: timm and CIFAR code.
 
-timm and torchvision cannot be imported with the CPU torch here; these copies keep the
-child names, registration order and forward math of the originals (timm 1.x
-``timm.models.resnet.BasicBlock``/``Bottleneck``; the CIFAR ``BasicBlock`` of the
-widely used CIFAR ResNet code with a ``shortcut`` child). ``gpu`` tests use the real
-packages.
+timm: the real classes whenever timm is installed (the CUDA CI environment has it);
+otherwise hand-made look-alikes that keep the child names, registration order and
+forward math of timm 1.x ``timm.models.resnet.BasicBlock``/``Bottleneck`` (the CPU CI
+environment has neither timm nor torchvision: its torch is a CPU build). Tests build
+timm models through :func:`timm_resnet`, which picks the real classes when it can;
+``test_convert.py`` checks that the look-alikes still match the real timm layout where
+both are available. The CIFAR ``BasicBlock`` (with a ``shortcut`` child) is copied from
+the widely used CIFAR ResNet code, which is not a package.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # the real timm, when installed
+    from timm.models import resnet as timm_resnet_module
+    from timm.layers import DropPath as TimmDropPath
+except ImportError:
+    timm_resnet_module = None
+    TimmDropPath = None
+
+HAVE_TIMM = timm_resnet_module is not None
+
+
+def timm_resnet(block="basic", drop_path_rate=0.1, se=False, num_classes=10):
+    """A small timm-layout ResNet with ``drop_path`` on its blocks: real timm if installed.
+
+    Real timm: ``timm.models.resnet.ResNet`` with one block per stage (timm's forward
+    needs all four stages), channels 16/32/48/64, the standard 7x7 stem; per-block
+    drop-path rates rise linearly from 0 (timm gives the first block no DropPath).
+    Without timm: :class:`TimmLikeResNet` (two stages of two blocks, DropPath on every
+    block). ``se=True`` adds squeeze-and-excitation (a layout ``convert`` must refuse).
+    """
+    if block not in ("basic", "bottleneck"):
+        raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
+    if HAVE_TIMM:
+        cls = timm_resnet_module.BasicBlock if block == "basic" else timm_resnet_module.Bottleneck
+        return timm_resnet_module.ResNet(
+            cls, layers=(1, 1, 1, 1), channels=(16, 32, 48, 64), num_classes=num_classes,
+            drop_path_rate=drop_path_rate, block_args={"attn_layer": "se"} if se else None)
+    cls = TimmBasicBlock if block == "basic" else TimmBottleneck
+    return TimmLikeResNet(block=cls, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                          se=se)
+
+
+# --- Look-alikes of timm 1.x (used only when timm is not installed) ---------------------
 
 
 class DropPath(nn.Module):
@@ -114,6 +150,9 @@ class TimmLikeResNet(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.layer2(self.layer1(x))
         return self.fc(self.global_pool(x).flatten(1))
+
+
+# --- CIFAR ResNet code (not a package) ----------------------------------------------------
 
 
 class LambdaLayer(nn.Module):

@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Tests build torchvision/timm models with random weights only; make sure nothing ever
+# reaches for the Hugging Face hub (CI machines have no network).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
