@@ -78,6 +78,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 import triton
 import triton.language as tl
@@ -398,7 +399,10 @@ def _is_aligned_call(named_args, by_offset=False) -> bool:
         t = named_args.get(a)
         if not isinstance(t, torch.Tensor):
             continue
-        addr = t.storage_offset() * t.element_size() if by_offset else t.data_ptr()
+        # fake and meta tensors have no address: allocations are 16-byte aligned, so the
+        # storage offset decides
+        offset_only = by_offset or t.device.type == "meta" or is_fake(t)
+        addr = t.storage_offset() * t.element_size() if offset_only else t.data_ptr()
         if addr % 16 != 0:
             return False
     return all(int(named_args.get(a, 0)) % 16 == 0 for a in _SPECIALIZED_INTS)
