@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import inference, ops
+from . import inference, layers, ops
 from .gates import GateGenerator, default_generator, survivors
 from .ops import reference
 from .schedule import check_prob
@@ -58,9 +58,7 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t, non_blocking=True)
 
 
-def _is_identity(m) -> bool:
-    return m is None or isinstance(m, nn.Identity) or (
-        type(m) is nn.Sequential and len(m) == 0)
+_is_identity = layers.is_identity
 
 
 class _ZeroGradTie(torch.autograd.Function):
@@ -378,8 +376,7 @@ class StochasticDepthBlock(nn.Module):
         """A plain residual block with the same modules (shared, not copied)."""
         origin = self._sd_origin
         if origin is None:
-            from .models import resnet as plain_models
-            cls = plain_models.Bottleneck if isinstance(self, Bottleneck) else plain_models.BasicBlock
+            cls = layers.Bottleneck if isinstance(self, Bottleneck) else layers.BasicBlock
             order = list(self._modules)
             plain = cls.__new__(cls)
             nn.Module.__init__(plain)

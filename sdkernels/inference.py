@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import effective_device_type
+from .layers import OptionAShortcut, is_identity
 
 __all__ = ["fold_conv_bn", "FoldedConv", "FoldedBlock", "fold_block", "block_eval",
            "block_eval_reference", "clear_cache", "can_fold", "conv_bn_relu_eval"]
@@ -166,8 +167,7 @@ def _fold_block(block, gate_scale: float, dtype: torch.dtype) -> FoldedBlock:
     convs = [_fold_one(c, b, gate_scale if i == len(stages) - 1 else 1.0, dtype)
              for i, (c, b) in enumerate(stages)]
     m = block.shortcut_module
-    from .blocks import _is_identity
-    if _is_identity(m):
+    if is_identity(m):
         shortcut = ("identity",)
     elif _projection(m) is not None:
         pc, pb = _projection(m)
@@ -302,7 +302,6 @@ def _triton_shortcut(block, fb: FoldedBlock):
     if kind == "projection":
         return ("projection", fb.shortcut[1].as_tuple())
     m = fb.shortcut[1]
-    from .models.cifar import OptionAShortcut
     if type(m) is OptionAShortcut:
         return ("option_a", m.stride, m.out_planes)
     return None  # another shortcut module: the extension executor runs the block

@@ -1,6 +1,6 @@
 """The compiled ops (``torch.ops.sdkernels.*``): loading, fake kernels and autograd.
 
-Importing this module tries to load ``sdkernels._C``. Loading the library registers the
+Importing this module loads ``sdkernels._C`` (through :mod:`sdkernels.availability`). Loading the library registers the
 ops' schemas and their CPU (and, when built, CUDA) kernels with the dispatcher; this
 module then registers, in Python, a fake kernel for every op (so ``torch.compile`` and
 ``torch.library.opcheck`` can trace them) and the autograd formula of the forward op.
@@ -18,10 +18,11 @@ registered in C++, see csrc/cpu/batch_norm.cpp).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
+
+from .. import availability as _availability
 
 __all__ = [
     "is_available",
@@ -53,39 +54,26 @@ _DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16:
                 torch.bool: "Bool", torch.complex64: "ComplexFloat",
                 torch.complex128: "ComplexDouble"}
 
-_C = None
-_reason: Optional[str] = None
-try:
-    _C = importlib.import_module("sdkernels._C")
-except (ImportError, OSError) as exc:  # not built, or built against another torch
-    _reason = f"sdkernels._C could not be loaded: {type(exc).__name__}: {exc}"
+# Loading the library is sdkernels.availability's (below backends, design §3).
+unavailable_reason = _availability.extension_missing
+built_with_cuda = _availability.extension_has_cuda
 
 
 def is_available() -> bool:
     """True when the compiled library loaded and its ops are registered."""
-    return _C is not None
-
-
-def unavailable_reason() -> Optional[str]:
-    """Why the compiled library is not available, or None when it is."""
-    return _reason
+    return _availability.extension_library() is not None
 
 
 def library_path() -> Optional[str]:
     """File path of the loaded ``sdkernels._C`` library, or None."""
-    return getattr(_C, "__file__", None) if _C is not None else None
-
-
-def built_with_cuda() -> bool:
-    """True when the loaded library has CUDA kernels (independent of a visible GPU)."""
-    if _C is None:
-        return False
-    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(_FWD, "CUDA"))
+    lib = _availability.extension_library()
+    return getattr(lib, "__file__", None) if lib is not None else None
 
 
 def _require() -> None:
-    if _C is None:
-        raise RuntimeError(f"sdkernels compiled extension is not available: {_reason}")
+    if _availability.extension_library() is None:
+        raise RuntimeError(f"sdkernels compiled extension is not available: "
+                           f"{_availability.extension_missing()}")
 
 
 def scale_bias_add_relu(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
@@ -434,6 +422,7 @@ def _branch_layout(x: torch.Tensor) -> torch.memory_format:
     return _layout(x)
 
 
+_C = _availability.extension_library()
 if _C is not None and not getattr(_C, "_sdkernels_python_registered", False):
     # (The marker lives on the extension module, so re-importing or reloading this
     # file does not register twice.)
@@ -441,6 +430,7 @@ if _C is not None and not getattr(_C, "_sdkernels_python_registered", False):
         _register()
         _C._sdkernels_python_registered = True
     except Exception as exc:  # e.g. a torch too old for torch.library.register_fake
-        _C = None
-        _reason = (f"sdkernels._C loaded but registering its fake/autograd kernels "
-                   f"failed: {type(exc).__name__}: {exc}")
+        _availability.extension_failed(
+            f"sdkernels._C loaded but registering its fake/autograd kernels failed: "
+            f"{type(exc).__name__}: {exc}")
+del _C
