@@ -14,6 +14,7 @@ from torch import nn
 from ..blocks import BasicBlock, StochasticDepthBlock, conv_bn_relu
 from ..gates import GateGenerator
 from ..layers import OptionAShortcut
+from ..ops import FoldCache
 from ..schedule import survival_probs
 
 __all__ = ["OptionAShortcut", "CifarResNet", "cifar_resnet", "cifar_depths"]
@@ -27,6 +28,7 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
+        self._stem_fold_cache = FoldCache()  # the fused stem's folded eval weights
         inplanes, l = 16, 0
         for stage, planes in enumerate((16, 32, 64), start=1):
             layers = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import BasicBlock, Bottleneck, conv1x1, conv3x3
+from ..layers import BasicBlock, Bottleneck, conv1x1, conv3x3  # noqa: F401 (old import path)
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50",
            "resnet101", "resnet152"]

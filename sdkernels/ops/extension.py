@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .. import availability as _availability
+from .reference import layout_of
 
 __all__ = [
     "is_available",
@@ -35,6 +36,10 @@ __all__ = [
     "scale_bias_relu",
     "relu_bn_backward_reduce",
     "bn_backward_apply",
+    "scale_bias_relu_",
+    "has_branch_ops",
+    "residual_branch_forward",
+    "residual_branch_backward",
 ]
 
 _FWD = "sdkernels::scale_bias_add_relu"
@@ -134,6 +139,46 @@ def bn_backward_apply(grad_out: torch.Tensor, out: Optional[torch.Tensor], y: to
     _require()
     return torch.ops.sdkernels.bn_backward_apply(grad_out, out, y, mean, invstd, weight,
                                                  sum_dy, sum_dy_xhat)
+
+
+def scale_bias_relu_(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """relu(x * scale[c] + bias[c] (+ residual)) written into x; returns x. Not
+    differentiable (the folded eval epilogue, design §5)."""
+    _require()
+    torch.ops.sdkernels.scale_bias_relu_(x, scale, bias, residual)
+    return x
+
+
+def has_branch_ops() -> bool:
+    """True when the loaded library has the whole-branch training ops (CPU builds since
+    they were added; an older build lacks them)."""
+    return is_available() and hasattr(torch.ops.sdkernels, "residual_branch_forward")
+
+
+def residual_branch_forward(x, residual, weights, bn_weights, bn_biases, running_means,
+                            running_vars, strides, paddings, dilations, groups, momentums,
+                            eps, gate_scale):
+    """(out, saved) of a whole residual branch in training (csrc/cpu/residual_branch.cpp).
+
+    Not differentiable: ``ops.fused_block`` is its autograd. Conv settings are flattened
+    per stage (two values each for stride, padding, dilation).
+    """
+    _require()
+    return torch.ops.sdkernels.residual_branch_forward(
+        x, residual, weights, bn_weights, bn_biases, running_means, running_vars, strides,
+        paddings, dilations, groups, momentums, eps, gate_scale)
+
+
+def residual_branch_backward(grad_out, x, out, saved, weights, bn_weights, bn_biases,
+                             strides, paddings, dilations, groups, gate_scale,
+                             identity_residual, output_mask):
+    """(grad_x, grad_residual, grad_weights, grad_gammas, grad_betas) of
+    :func:`residual_branch_forward`; entries not asked for in ``output_mask`` are empty."""
+    _require()
+    return torch.ops.sdkernels.residual_branch_backward(
+        grad_out, x, out, saved, weights, bn_weights, bn_biases, strides, paddings,
+        dilations, groups, gate_scale, identity_residual, output_mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,8 +463,7 @@ def _register_branch_ops() -> None:
 def _branch_layout(x: torch.Tensor) -> torch.memory_format:
     # as csrc/cpu/residual_branch.cpp and the Python branch: channels_last only when not
     # also NCHW-contiguous
-    from .fused_block import _layout
-    return _layout(x)
+    return layout_of(x)
 
 
 _C = _availability.extension_library()
