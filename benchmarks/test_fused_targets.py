@@ -36,7 +36,7 @@ import torch
 
 import sdkernels
 from sdkernels.bench.memory import saved_bytes
-from sdkernels.bench.timing import interleaved_timing, median_faults, synchronize
+from sdkernels.measure.timing import interleaved_timing, median_faults, synchronize
 from sdkernels.models import cifar_resnet
 from sdkernels.models import resnet as plain
 

@@ -58,9 +58,6 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t, non_blocking=True)
 
 
-_is_identity = layers.is_identity
-
-
 class _ZeroGradTie(torch.autograd.Function):
     """Identity on ``out`` that gives each of ``params`` a zero gradient.
 
@@ -92,7 +89,9 @@ class StochasticDepthBlock(nn.Module):
     """Base of the stochastic-depth residual blocks.
 
     Subclasses define ``_branch(x)`` (the residual branch up to, not including, its last
-    norm), ``_last_norm`` (that norm) and ``_branch_modules`` (for zero gradients).
+    norm), ``_last_norm`` (that norm), ``_conv_bn_stages`` (the branch's conv + norm
+    pairs, for :meth:`branch_plan`) and ``_branch_modules`` (for zero gradients). Blocks
+    hold state and gates only: ``ops.residual_block`` decides how an active block runs.
     The shortcut module lives under ``downsample`` (torchvision/timm) or another
     attribute named by ``_shortcut_attr`` (``shortcut`` in common CIFAR code), so that
     state_dict keys stay those of the block it replaces.
@@ -188,7 +187,7 @@ class StochasticDepthBlock(nn.Module):
 
     def _dropped(self, x):
         m = self.shortcut_module
-        out = x if _is_identity(m) else torch.relu(m(x))
+        out = x if layers.is_identity(m) else torch.relu(m(x))
         if torch.is_grad_enabled() and self._want_zero_grads():
             params = [p for mod in self._branch_modules() for p in mod.parameters()
                       if p.requires_grad]
@@ -217,8 +216,8 @@ class StochasticDepthBlock(nn.Module):
         sc = self._shortcut(x)
         t = ops.residual_block(x.index_select(0, idx), self.branch_plan(), gate_scale,
                                self._fold_cache,
-                               None if _is_identity(m) else sc.index_select(0, idx))
-        base = sc if _is_identity(m) else torch.relu(sc)
+                               None if layers.is_identity(m) else sc.index_select(0, idx))
+        base = sc if layers.is_identity(m) else torch.relu(sc)
         return base.index_copy(0, idx, t.to(base.dtype))
 
     def _mask_forward(self, x, keep: torch.Tensor, gate_scale: float):

@@ -80,7 +80,7 @@ def _stem_train_cpu(x, stage):
 # BN's backward already reduces; the whole-branch function fuses them (design §5).
 _EXT_TRAIN = dict(scale_bias_add_relu=extension.scale_bias_add_relu)
 _EXT_EVAL = dict(bn_tail=_folded_bn_add_relu, scale_bias_add_relu=extension.scale_bias_add_relu)
-# Triton keeps the reference elementwise op (as before the dispatch moved here).
+# Triton brings convolutions only; its standalone elementwise op is the reference one.
 _TRI_EVAL = dict(bn_tail=_folded_bn_add_relu)
 
 _IMPLEMENTATIONS: dict[tuple[str, str, str], Implementation] = {
