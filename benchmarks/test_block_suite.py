@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sdkernels
-from sdkernels.bench.timing import synchronize
+from sdkernels.measure.timing import synchronize
 from sdkernels.models import resnet as plain
 
 from _common import backend_or_skip, device, extra_info

@@ -36,7 +36,7 @@ import torch
 
 import sdkernels
 from sdkernels.bench.memory import saved_bytes
-from sdkernels.bench.timing import interleaved_timing, median_faults, synchronize
+from sdkernels.measure.timing import interleaved_timing, median_faults, synchronize
 from sdkernels.models import cifar_resnet
 from sdkernels.models import resnet as plain
 
@@ -235,13 +235,13 @@ def _resnet110_pair(depth: int):
 def _folded_plain(model):
     """The issue's baseline: BN folded into the weights, channels_last, plain PyTorch.
 
-    Per block ``inference.block_eval_reference`` (conv with bias, ReLU, add, ReLU as
+    Per block ``ops.folded_eval.block_eval_reference`` (conv with bias, ReLU, add, ReLU as
     separate ATen ops), the stem folded the same way. Measured beside the fused executor
     so that what the fusion adds over folding alone shows on this machine.
     """
-    from sdkernels import inference
+    from sdkernels.ops import folded_eval, folding
     stem = model.conv1
-    w, b = inference.fold_conv_bn(stem.weight, model.bn1)
+    w, b = folding.fold_conv_bn(stem.weight, model.bn1)
     w = w.contiguous(memory_format=torch.channels_last)
     blocks = [blk for layer in (model.layer1, model.layer2, model.layer3) for blk in layer]
     # the eval gate scale each block's own eval path folds in (blocks.py)
@@ -252,8 +252,8 @@ def _folded_plain(model):
             x.contiguous(memory_format=torch.channels_last), w, b.to(x.dtype), stem.stride,
             stem.padding, stem.dilation, stem.groups))
         for blk, gate in zip(blocks, gates):
-            h = inference.block_eval_reference(
-                inference.fold_block(blk, gate, h.dtype, h.device), h)
+            h = folded_eval.block_eval_reference(
+                folding.fold_branch(blk.branch_plan(), gate, h.dtype, h.device), h)
         return model.fc(torch.flatten(model.avgpool(h), 1))
     return forward
 

@@ -5,7 +5,7 @@ batch mode at linear p_L = 0.5, against constant depth and against the naive ref
 Must-show: the measured step-time ratio sdkernels / constant depth is within 0.03 of the
 time-weighted expected-depth prediction. The ratio is of medians over many interleaved
 steps (the prediction is an expectation over the random gates); see
-``sdkernels.bench.predict``.
+``sdkernels.measure.predict``.
 
     python -m pytest benchmarks/test_network_step.py --benchmark-only -s   # timing
     python -m pytest benchmarks/ --benchmark-disable -q                    # CI smoke
@@ -25,7 +25,7 @@ import sdkernels
 from sdkernels.bench import (TOLERANCE, VARIANTS, BenchConfig, build_variants, environment,
                              make_inputs, make_train_step, run_comparison)
 from sdkernels.bench.report import format_table
-from sdkernels.bench.timing import minor_faults
+from sdkernels.measure.timing import minor_faults
 
 P_LAST, SCHEDULE, MODE, DTYPE = 0.5, "linear", "batch", "float32"
 

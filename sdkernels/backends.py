@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import availability
+
 __all__ = ["BACKENDS", "BackendInfo", "backend_info", "use_backend", "resolve_backend",
            "auto_reason", "BackendUnavailableError", "effective_device_type", "dry_run_cuda"]
 
@@ -100,27 +102,21 @@ def dry_run_cuda():
 
 def _dry_run_status(name: str) -> tuple[bool, str]:
     """Availability on CUDA inside the seam: the ops' fake/meta kernels are present."""
-    from .ops import extension
-
     if name == "reference":
         return True, ""
-    if not extension.is_available():
-        return False, f"compiled extension not loaded: {extension.unavailable_reason()}"
+    if availability.extension_library() is None:
+        return False, f"compiled extension not loaded: {availability.extension_missing()}"
     if name == "triton":
-        from .ops import triton as tri
-
-        why = tri._triton_missing()
+        why = availability.triton_missing()
         if why is not None:
             return False, why
     return True, ""
 
 
 def _extension_status(device_type: str) -> tuple[bool, str]:
-    from .ops import extension
-
-    if not extension.is_available():
-        return False, f"compiled extension not loaded: {extension.unavailable_reason()}"
-    if device_type == "cuda" and not extension.built_with_cuda():
+    if availability.extension_library() is None:
+        return False, f"compiled extension not loaded: {availability.extension_missing()}"
+    if device_type == "cuda" and not availability.extension_has_cuda():
         return False, "compiled extension was built without CUDA kernels"
     if device_type not in ("cpu", "cuda"):
         return False, f"compiled extension has no kernels for device type {device_type!r}"
@@ -130,9 +126,7 @@ def _extension_status(device_type: str) -> tuple[bool, str]:
 def _triton_status(device_type: str) -> tuple[bool, str]:
     # Triton runs the convolutions; backward and the elementwise tails stay on the
     # compiled extension, so both are needed.
-    from .ops import triton as tri
-
-    why = tri.unavailable_reason(device_type)
+    why = availability.triton_unavailable_reason(device_type)
     if why is not None:
         return False, why
     ok, ext_why = _extension_status(device_type)
@@ -257,8 +251,6 @@ class BackendInfo:
 
 def backend_info() -> BackendInfo:
     """Which backends are available on which device type, and which one runs."""
-    from .ops import extension
-
     available = {}
     for name in BACKENDS:
         available[name] = {d: ("" if ok else why)
@@ -287,4 +279,4 @@ def backend_info() -> BackendInfo:
     reasons = {d: auto_reason(d) for d in ("cpu", "cuda")}
     return BackendInfo(active=active, available=available, forced=_forced,
                        versions=versions, reasons=reasons,
-                       extension_path=extension.library_path() if extension.is_available() else None)
+                       extension_path=getattr(availability.extension_library(), "__file__", None))

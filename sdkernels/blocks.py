@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import inference, ops
+from . import layers, ops
 from .gates import GateGenerator, default_generator, survivors
 from .ops import reference
 from .schedule import check_prob
@@ -58,11 +58,6 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t, non_blocking=True)
 
 
-def _is_identity(m) -> bool:
-    return m is None or isinstance(m, nn.Identity) or (
-        type(m) is nn.Sequential and len(m) == 0)
-
-
 class _ZeroGradTie(torch.autograd.Function):
     """Identity on ``out`` that gives each of ``params`` a zero gradient.
 
@@ -81,100 +76,22 @@ class _ZeroGradTie(torch.autograd.Function):
         return (grad, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta])
 
 
-def _bn_batch_args(bn: nn.Module):
-    """(use_batch_stats, running_mean, running_var, momentum) of a BatchNorm call.
-
-    Mirrors ``nn.modules.batchnorm._BatchNorm.forward`` (momentum=None cumulative
-    average, num_batches_tracked, track_running_stats=False) so that a converted model
-    updates its buffers exactly as the original does; counts the batch like it does.
-    """
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    return (use_batch_stats, bn.running_mean if track else None,
-            bn.running_var if track else None, momentum)
-
-
 def conv_bn_relu(owner: nn.Module, conv: nn.Module, bn: nn.Module, relu: nn.Module, x):
-    """``relu(bn(conv(x)))`` of a network's stem, fused where the backend allows.
-
-    On the CPU extension backend, with a plain bias-free Conv2d and BatchNorm2d and no
-    hooks: training recomputes the convolution in backward instead of saving its output
-    (``ops.fused_block.conv_bn_relu_train``), eval folds BN into the convolution
-    (``inference.conv_bn_relu_eval``, cached on ``owner``). Both return channels_last,
-    so the blocks after it run without layout conversions. Otherwise the modules run.
-    """
-    backend = ops.resolve_backend(x.device)
-    if (backend != "extension" or x.device.type != "cpu" or x.dim() != 4
-            or x.shape[0] == 0 or torch.compiler.is_compiling()
-            or not _fusable_conv(conv) or type(bn) is not nn.BatchNorm2d
-            or not isinstance(relu, nn.ReLU) or _has_hooks([conv, bn, relu])):
-        return relu(bn(conv(x)))
-    if bn.training:
-        spatial = [(x.shape[2 + d] + 2 * conv.padding[d] - conv.dilation[d]
-                    * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1 for d in range(2)]
-        if x.shape[0] * spatial[0] * spatial[1] <= 1:
-            return relu(bn(conv(x)))  # BN raises on one value per channel
-        _, rm, rv, momentum = _bn_batch_args(bn)
-        stage = ops.ConvBN(conv.weight, tuple(conv.stride), tuple(conv.padding),
-                           tuple(conv.dilation), conv.groups, bn.weight, bn.bias, rm, rv,
-                           momentum, bn.eps)
-        return ops.fused_block.conv_bn_relu_train(x, stage, ops.fused_block.extension_kernels())
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            p.requires_grad for p in (*conv.parameters(), *bn.parameters()))):
-        return relu(bn(conv(x)))  # folded weights and the in-place epilogue have no autograd
-    if bn.running_mean is None or bn.running_var is None:
-        return relu(bn(conv(x)))
-    return inference.conv_bn_relu_eval(owner, conv, bn, x)
-
-
-def _bn_tail(bn: nn.Module, y, residual, gate_scale: float):
-    """relu(residual + gate_scale * bn(y)), fused where ``bn`` is a plain BatchNorm.
-
-    Other norms (SyncBatchNorm, FrozenBatchNorm2d, GroupNorm, ...) are called as
-    modules, then added and rectified.
-    """
-    if type(bn) in (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d):
-        bn._check_input_dim(y)
-        use_batch_stats, rm, rv, momentum = _bn_batch_args(bn)
-        return ops.batch_norm_add_relu(
-            y, residual, bn.weight, bn.bias, rm, rv,
-            training=use_batch_stats, momentum=momentum, eps=bn.eps, gate_scale=gate_scale)
-    z = bn(y)
-    if gate_scale != 1.0:
-        z = z * gate_scale
-    return torch.relu(z + residual)
-
-
-def _fusable_conv(m) -> bool:
-    return (type(m) is nn.Conv2d and m.bias is None and m.padding_mode == "zeros"
-            and not isinstance(m.padding, str))
-
-
-def _fusable_bn(m) -> bool:
-    return type(m) is nn.BatchNorm2d and m.training
-
-
-def _has_hooks(modules) -> bool:
-    """Hooks on the branch's modules (or global ones) must run: the fused paths call no
-    submodule, so with hooks present the block runs its modules instead."""
-    from torch.nn.modules import module as _m
-    if (_m._global_forward_hooks or _m._global_forward_pre_hooks
-            or _m._global_backward_hooks or _m._global_backward_pre_hooks):
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-               or m._backward_pre_hooks for m in modules)
+    """``relu(bn(conv(x)))`` of ``owner``'s stem through ``ops.conv_bn_relu`` (fused
+    where the implementation allows, design §5); the folded eval weights are cached in
+    ``owner._stem_fold_cache``."""
+    cache = getattr(owner, "_stem_fold_cache", None)
+    return ops.conv_bn_relu(x, ops.stem_plan(conv, bn, relu),
+                            ops.FoldCache() if cache is None else cache)
 
 
 class StochasticDepthBlock(nn.Module):
     """Base of the stochastic-depth residual blocks.
 
     Subclasses define ``_branch(x)`` (the residual branch up to, not including, its last
-    norm), ``_last_norm`` (that norm) and ``_branch_modules`` (for zero gradients).
+    norm), ``_last_norm`` (that norm), ``_conv_bn_stages`` (the branch's conv + norm
+    pairs, for :meth:`branch_plan`) and ``_branch_modules`` (for zero gradients). Blocks
+    hold state and gates only: ``ops.residual_block`` decides how an active block runs.
     The shortcut module lives under ``downsample`` (torchvision/timm) or another
     attribute named by ``_shortcut_attr`` (``shortcut`` in common CIFAR code), so that
     state_dict keys stay those of the block it replaces.
@@ -192,6 +109,7 @@ class StochasticDepthBlock(nn.Module):
         self.last_gate = None
         self._gate_key = None  # position in the generator's step draw (GateGenerator.bind)
         self._sd_origin = None  # what revert() rebuilds; set by convert()
+        self._fold_cache = ops.FoldCache()  # folded eval weights (design §5)
 
     # -- settable, validated attributes (users inspect and anneal them) ---------------
     @property
@@ -269,67 +187,21 @@ class StochasticDepthBlock(nn.Module):
 
     def _dropped(self, x):
         m = self.shortcut_module
-        out = x if _is_identity(m) else torch.relu(m(x))
+        out = x if layers.is_identity(m) else torch.relu(m(x))
         if torch.is_grad_enabled() and self._want_zero_grads():
             params = [p for mod in self._branch_modules() for p in mod.parameters()
                       if p.requires_grad]
             out = _ZeroGradTie.apply(out, *params)
         return out
 
+    def branch_plan(self) -> ops.BranchPlan:
+        """This block as the ops see it: stages, typed shortcut, mode (design §3)."""
+        return ops.branch_plan(self._conv_bn_stages(), self.shortcut_module,
+                               training=self.training, branch=self._branch,
+                               last_norm=self._last_norm, parameters=self.parameters)
+
     def _active(self, x, gate_scale: float):
-        path = self._fused_path(x)
-        if path is not None and path[1] == "eval":
-            return inference.block_eval(self, x, gate_scale, path[0])
-        m = self.shortcut_module
-        return self._branch_tail(x, None if _is_identity(m) else m(x), gate_scale)
-
-    def _branch_tail(self, x, residual, gate_scale: float):
-        """relu(residual + gate_scale * f(x)); ``residual=None`` means x itself.
-
-        In training, where the backend and the modules allow, the whole branch runs as
-        one recomputing autograd function (``ops.fused_block``, DESIGN 5); otherwise
-        (and always on the reference backend) the modules run.
-        """
-        path = self._fused_path(x)
-        if path is not None and path[1] == "train":
-            return ops.residual_branch_train(x, residual, self._train_stages(), gate_scale,
-                                             backend=path[0])
-        y = self._branch(x)
-        return _bn_tail(self._last_norm, y, x if residual is None else residual, gate_scale)
-
-    def _fused_path(self, x):
-        """(backend, "train" | "eval") when a fused path applies to this call, else None."""
-        if x.dim() != 4 or x.shape[0] == 0 or torch.compiler.is_compiling():
-            return None
-        backend = ops.resolve_backend(x.device)
-        if backend == "reference":
-            return None
-        stages = self._conv_bn_stages()
-        if not all(_fusable_conv(c) for c, _ in stages):
-            return None
-        if _has_hooks([m for st in stages for m in st]):
-            return None
-        if self.training:
-            if not all(_fusable_bn(b) for _, b in stages):
-                return None
-            if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
-                return None  # BN raises on one value per channel; let the module say so
-            return backend, "train"
-        if torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for p in self.parameters())):
-            return None  # folded weights and the in-place epilogue have no autograd
-        if not inference.can_fold(self) or any(b.training for _, b in stages):
-            return None
-        return backend, "eval"
-
-    def _train_stages(self):
-        stages = []
-        for conv, bn in self._conv_bn_stages():
-            _, rm, rv, momentum = _bn_batch_args(bn)
-            stages.append(ops.ConvBN(conv.weight, tuple(conv.stride), tuple(conv.padding),
-                                     tuple(conv.dilation), conv.groups, bn.weight, bn.bias,
-                                     rm, rv, momentum, bn.eps))
-        return stages
+        return ops.residual_block(x, self.branch_plan(), gate_scale, self._fold_cache)
 
     def _active_rows(self, x, keep: torch.Tensor, gate_scale: float):
         # keep is a CPU bool tensor: the survivors are known on the host without a
@@ -342,9 +214,10 @@ class StochasticDepthBlock(nn.Module):
         idx = _to_device(idx, x.device)
         m = self.shortcut_module
         sc = self._shortcut(x)
-        t = self._branch_tail(x.index_select(0, idx),
-                              None if _is_identity(m) else sc.index_select(0, idx), gate_scale)
-        base = sc if _is_identity(m) else torch.relu(sc)
+        t = ops.residual_block(x.index_select(0, idx), self.branch_plan(), gate_scale,
+                               self._fold_cache,
+                               None if layers.is_identity(m) else sc.index_select(0, idx))
+        base = sc if layers.is_identity(m) else torch.relu(sc)
         return base.index_copy(0, idx, t.to(base.dtype))
 
     def _mask_forward(self, x, keep: torch.Tensor, gate_scale: float):
@@ -378,8 +251,7 @@ class StochasticDepthBlock(nn.Module):
         """A plain residual block with the same modules (shared, not copied)."""
         origin = self._sd_origin
         if origin is None:
-            from .models import resnet as plain_models
-            cls = plain_models.Bottleneck if isinstance(self, Bottleneck) else plain_models.BasicBlock
+            cls = layers.Bottleneck if isinstance(self, Bottleneck) else layers.BasicBlock
             order = list(self._modules)
             plain = cls.__new__(cls)
             nn.Module.__init__(plain)

@@ -258,16 +258,21 @@ def manual_seed(seed: int) -> GateGenerator:
     return _default.manual_seed(seed)
 
 
+def _gated(model: nn.Module):
+    """The modules of ``model`` that draw gates: those with ``gate_generator`` and
+    ``last_gate`` (the stochastic-depth blocks). Checked by attribute, so that this
+    module stays below ``blocks`` (design §3)."""
+    return [m for m in model.modules()
+            if hasattr(m, "gate_generator") and hasattr(m, "last_gate")]
+
+
 def generators_of(model: nn.Module) -> list[GateGenerator]:
     """The distinct gate generators used by the stochastic-depth blocks of ``model``,
     in the order their first block appears."""
-    from .blocks import StochasticDepthBlock
-
     seen: dict[int, GateGenerator] = {}
-    for m in model.modules():
-        if isinstance(m, StochasticDepthBlock):
-            g = m.gate_generator or _default
-            seen.setdefault(id(g), g)
+    for m in _gated(model):
+        g = m.gate_generator or _default
+        seen.setdefault(id(g), g)
     return list(seen.values())
 
 
@@ -292,6 +297,4 @@ def gate_record(model: nn.Module) -> list:
     """The gates of ``model``'s latest training forward, one per stochastic-depth block in
     forward order: a bool (batch mode: did the block run), a CPU bool tensor (row mode:
     which rows ran) or None (the block has not trained yet). For logging."""
-    from .blocks import StochasticDepthBlock
-
-    return [m.last_gate for m in model.modules() if isinstance(m, StochasticDepthBlock)]
+    return [m.last_gate for m in _gated(model)]

@@ -6,7 +6,7 @@ import mmap
 import pytest
 
 from sdkernels.bench import environment
-from sdkernels.bench.timing import interleaved_timing, median_faults, minor_faults, summarize
+from sdkernels.measure.timing import interleaved_timing, median_faults, minor_faults, summarize
 
 PAGE = mmap.PAGESIZE
 

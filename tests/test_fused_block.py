@@ -13,7 +13,7 @@ from torch import nn
 
 import sdkernels
 from sdkernels import ops
-from sdkernels.blocks import _is_identity
+from sdkernels.layers import is_identity
 from sdkernels.gates import FixedGates, GateGenerator
 from sdkernels.models.cifar import OptionAShortcut
 from sdkernels.ops import fused_block
@@ -51,8 +51,9 @@ def _run_pair(block, x, gate_scale, kernels):
     with sdkernels.use_backend("reference"):
         y_ref = ref_block._active(x2, gate_scale)
     m = block.shortcut_module
-    res = None if _is_identity(m) else m(x1)
-    y = ops.residual_branch_train(x1, res, block._train_stages(), gate_scale, backend=kernels)
+    res = None if is_identity(m) else m(x1)
+    y = ops.residual_branch_train(x1, res, ops.train_stages(block.branch_plan()), gate_scale,
+                                  backend=kernels)
     g = torch.randn_like(y_ref)
     y_ref.backward(g)
     y.backward(g)
@@ -109,7 +110,7 @@ def test_gate_scale_affine_and_cumulative_momentum(kernels, gate_scale, affine):
 def test_gradcheck(kernels):
     torch.manual_seed(1)
     block = _block("basic", "identity")
-    stages = block._train_stages()
+    stages = ops.train_stages(block.branch_plan())
     # no running stats, so repeated evaluations inside gradcheck see the same function
     stages = [fused_block.ConvBN(st.weight, st.stride, st.padding, st.dilation, st.groups,
                                  st.bn_weight, st.bn_bias, None, None, 0.0, st.eps)
@@ -273,10 +274,10 @@ def test_awkward_batches_follow_the_module_path():
 def test_non_plain_modules_use_module_path():
     block = _block("basic", "identity")
     block.conv1 = nn.Conv2d(8, 8, 3, 1, 1, bias=True).double()
-    assert block._fused_path(torch.rand(2, 8, 4, 4, dtype=torch.float64)) is None
+    assert not ops.fused_applies(torch.rand(2, 8, 4, 4, dtype=torch.float64), block.branch_plan())
     block = _block("basic", "identity")
     block.bn1 = nn.GroupNorm(2, 8).double()
-    assert block._fused_path(torch.rand(2, 8, 4, 4, dtype=torch.float64)) is None
+    assert not ops.fused_applies(torch.rand(2, 8, 4, 4, dtype=torch.float64), block.branch_plan())
 
 
 def test_hooks_on_branch_modules_force_the_module_path():
@@ -284,14 +285,14 @@ def test_hooks_on_branch_modules_force_the_module_path():
     x = torch.rand(2, 8, 4, 4, dtype=torch.float64)
     if HAVE_EXT:
         with sdkernels.use_backend("extension"):
-            assert block._fused_path(x) is not None
+            assert ops.fused_applies(x, block.branch_plan())
     seen = []
     h = block.conv2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    assert block._fused_path(x) is None
+    assert not ops.fused_applies(x, block.branch_plan())
     h.remove()
     h = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
     try:
-        assert block._fused_path(x) is None
+        assert not ops.fused_applies(x, block.branch_plan())
     finally:
         h.remove()
 
@@ -400,7 +401,7 @@ def test_reverted_cifar_resnet_runs_plain_stem():
 def test_double_backward_raises(kernels):
     block = _block("basic", "identity")
     x = torch.rand(3, 8, 5, 5, dtype=torch.float64, requires_grad=True)
-    y = ops.residual_branch_train(x, None, block._train_stages(), 1.0, backend=kernels)
+    y = ops.residual_branch_train(x, None, ops.train_stages(block.branch_plan()), 1.0, backend=kernels)
     (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         gx.sum().backward()

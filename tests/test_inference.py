@@ -1,4 +1,5 @@
-"""The folded eval path (``sdkernels.inference``): math, executors, cache invalidation."""
+"""The folded eval path (``sdkernels.ops.folding``, ``ops.folded_eval``): math, executors,
+cache invalidation."""
 import copy
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 import sdkernels
-from sdkernels import inference
+from sdkernels.ops import folding
 from sdkernels.models.cifar import OptionAShortcut
 
 HAVE_EXT = sdkernels.ops.extension.is_available()
@@ -42,7 +43,7 @@ def test_fold_conv_bn_equals_conv_then_bn():
     conv = nn.Conv2d(5, 7, 3, padding=1, bias=True).double()
     bn = _randomise(nn.BatchNorm2d(7).double())
     x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
-    w, b = inference.fold_conv_bn(conv.weight, bn, 0.3, conv.bias)
+    w, b = folding.fold_conv_bn(conv.weight, bn, 0.3, conv.bias)
     torch.testing.assert_close(nn.functional.conv2d(x, w, b, padding=1), 0.3 * bn(conv(x)))
 
 
@@ -84,9 +85,9 @@ def test_cache_reused_and_invalidated():
         with torch.no_grad(), sdkernels.use_backend("reference"):
             return block(x)
     fused()
-    first = block.__dict__[inference._CACHE_ATTR][1]
+    first = block._fold_cache.value
     fused()
-    assert block.__dict__[inference._CACHE_ATTR][1] is first  # unchanged: reused
+    assert block._fold_cache.value is first  # unchanged: reused
     changes = [
         lambda: block.conv1.weight.mul_(1.5),                   # optimizer-style in-place
         lambda: block.bn2.running_var.mul_(2.0),                # BN buffer
@@ -98,13 +99,13 @@ def test_cache_reused_and_invalidated():
         with torch.no_grad():
             change()
         out = fused()
-        assert block.__dict__[inference._CACHE_ATTR][1] is not first
-        first = block.__dict__[inference._CACHE_ATTR][1]
+        assert block._fold_cache.value is not first
+        first = block._fold_cache.value
         torch.testing.assert_close(out, expected(), atol=1e-5, rtol=1e-5)
     # Writes through .data bypass the version counter: clear_cache is the way out.
     block.conv2.weight.data.mul_(0.5)
-    inference.clear_cache(block)
-    assert inference._CACHE_ATTR not in block.__dict__
+    folding.clear_cache(block)
+    assert block._fold_cache.value is None
     torch.testing.assert_close(fused(), expected(), atol=1e-5, rtol=1e-5)
 
 
@@ -116,7 +117,7 @@ def test_eval_with_gradients_uses_module_path():
         y = block(x)
     y.sum().backward()
     assert block.conv1.weight.grad is not None and x.grad is not None
-    assert inference._CACHE_ATTR not in block.__dict__
+    assert block._fold_cache.value is None
 
 
 @ext_only

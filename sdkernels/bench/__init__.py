@@ -2,15 +2,16 @@
 
 * :mod:`.variants`  constant / naive / sdkernels CIFAR ResNets (and FixedGates
   calibration copies) built from the same initial weights;
-* :mod:`.timing`    the training step and the interleaved step timer;
-* :mod:`.predict`   FLOP-weighted and time-weighted expected-depth predictions;
 * :mod:`.compare`   the whole side-by-side run and its result record;
 * :mod:`.report`    table, JSON and plot.
+
+The timer and the predictions live one layer down, in :mod:`sdkernels.measure`
+(shared with the training CLI); they are re-exported here.
 """
 from .compare import TOLERANCE, BenchConfig, run_comparison, total_steps
 from .env import environment
-from .predict import count_flops, flop_prediction, realized_time_ratio, time_prediction
-from .timing import interleaved_timing, make_inputs, make_train_step, summarize, time_step
+from ..measure.predict import count_flops, flop_prediction, realized_time_ratio, time_prediction
+from ..measure.timing import interleaved_timing, make_inputs, make_train_step, summarize, time_step
 from .variants import VARIANTS, BenchModels, build_variants
 
 __all__ = [

@@ -16,10 +16,10 @@ import torch
 
 from ..backends import use_backend
 from ..convert import convert, residual_blocks
+from ..measure import predict
 from ..schedule import survival_probs
-from . import predict
 from .env import environment
-from .timing import (interleaved_timing, make_inputs, make_train_step, median_faults,
+from ..measure.timing import (interleaved_timing, make_inputs, make_train_step, median_faults,
                      summarize)
 from .variants import CALIB_ALL, CALIB_NONE, VARIANTS, build_variants, calib_name
 

@@ -9,7 +9,7 @@ the library's ordinary Python:
                where the library treats meta as CUDA: the autograd engine cannot run a
                backward on fake CUDA tensors without a CUDA context (pytorch #92627);
 * ``eval1``, ``eval2``  two eval forwards (``torch.no_grad``) on fake CUDA tensors: the
-               second shows what the folded-weight cache of ``sdkernels.inference`` saves.
+               second shows what the folded-weight cache of ``sdkernels.ops.folding`` saves.
 
 A ``TorchDispatchMode`` records every op that reaches the dispatcher (aten ops,
 ``torch.ops.sdkernels.*``, ``torch.ops.sdkernels_triton.*``) and counts per step:

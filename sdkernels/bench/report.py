@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+
+from ..measure.record import jsonable
 
 __all__ = ["format_table", "write_json", "plot"]
 
@@ -101,17 +102,6 @@ def format_table(rec: dict) -> str:
                          f"{row['measured']:>10.3f}{row['predicted_time_vs_constant']:>10.3f}"
                          f"{row['predicted_flop']:>10.3f}")
     return "\n".join(lines)
-
-
-def jsonable(o):
-    """JSON-ready copy: non-finite floats become null, keys strings, tuples lists."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {str(k): jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [jsonable(v) for v in o]
-    return o
 
 
 def write_json(rec: dict, path) -> Path:

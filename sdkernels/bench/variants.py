@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from ..convert import convert, residual_blocks, revert
-from ..gates import FixedGates
+from ..measure.calibration import fix_gates, stages_of
 from ..models import cifar_resnet
 from ..schedule import survival_probs
 
 __all__ = ["VARIANTS", "CALIB_NONE", "CALIB_ALL", "BenchModels", "build_variants",
-           "stages_of", "calib_name"]
+           "calib_name"]
 
 VARIANTS = ("constant", "naive", "sdkernels")
 CALIB_NONE = "calib:none"
@@ -36,21 +36,6 @@ CALIB_ALL = "calib:all"
 
 def calib_name(stage: str) -> str:
     return f"calib:{stage}"
-
-
-def stages_of(model: nn.Module) -> tuple[list[str], list[int]]:
-    """(stage names in forward order, stage index of every residual block).
-
-    A stage is the module that holds a run of residual blocks (``layer1`` ... in the
-    CIFAR and torchvision ResNets).
-    """
-    names, stage_of = [], []
-    for qual, _ in residual_blocks(model):
-        stage = qual.rpartition(".")[0] or "<root>"
-        if stage not in names:
-            names.append(stage)
-        stage_of.append(names.index(stage))
-    return names, stage_of
 
 
 @dataclass
@@ -73,13 +58,6 @@ class BenchModels:
 
     def calibration_names(self) -> list[str]:
         return [CALIB_NONE] + [calib_name(s) for s in self.stages] + [CALIB_ALL]
-
-
-def fix_gates(model: nn.Module, active_stage: int | None, all_active: bool = False) -> None:
-    """Force every block's gate: on in stage ``active_stage`` (or everywhere), off elsewhere."""
-    _, stage_of = stages_of(model)
-    for (_, block), k in zip(residual_blocks(model), stage_of):
-        block.gate_generator = FixedGates(all_active or k == active_stage)
 
 
 def build_variants(depth: int = 110, *, p_last: float = 0.5, schedule="linear",

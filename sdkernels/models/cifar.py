@@ -9,32 +9,15 @@ are in the residual branches, stem and classifier.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import BasicBlock, StochasticDepthBlock, conv_bn_relu
 from ..gates import GateGenerator
+from ..layers import OptionAShortcut
+from ..ops import FoldCache
 from ..schedule import survival_probs
 
 __all__ = ["OptionAShortcut", "CifarResNet", "cifar_resnet", "cifar_depths"]
-
-
-class OptionAShortcut(nn.Module):
-    """Parameter-free shortcut: take every ``stride``-th pixel, append zero channels."""
-
-    def __init__(self, in_planes: int, out_planes: int, stride: int = 2):
-        super().__init__()
-        if out_planes < in_planes:
-            raise ValueError(f"option-A shortcut cannot shrink {in_planes} -> {out_planes} channels")
-        self.in_planes, self.out_planes, self.stride = in_planes, out_planes, stride
-
-    def forward(self, x):
-        if self.stride != 1:
-            x = x[:, :, ::self.stride, ::self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.out_planes - self.in_planes))
-
-    def extra_repr(self):
-        return f"{self.in_planes}->{self.out_planes}, stride={self.stride}"
 
 
 class CifarResNet(nn.Module):
@@ -45,6 +28,7 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
+        self._stem_fold_cache = FoldCache()  # the fused stem's folded eval weights
         inplanes, l = 16, 0
         for stage, planes in enumerate((16, 32, 64), start=1):
             layers = []

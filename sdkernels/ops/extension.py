@@ -1,6 +1,6 @@
 """The compiled ops (``torch.ops.sdkernels.*``): loading, fake kernels and autograd.
 
-Importing this module tries to load ``sdkernels._C``. Loading the library registers the
+Importing this module loads ``sdkernels._C`` (through :mod:`sdkernels.availability`). Loading the library registers the
 ops' schemas and their CPU (and, when built, CUDA) kernels with the dispatcher; this
 module then registers, in Python, a fake kernel for every op (so ``torch.compile`` and
 ``torch.library.opcheck`` can trace them) and the autograd formula of the forward op.
@@ -18,10 +18,12 @@ registered in C++, see csrc/cpu/batch_norm.cpp).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
+
+from .. import availability as _availability
+from .reference import layout_of
 
 __all__ = [
     "is_available",
@@ -34,6 +36,10 @@ __all__ = [
     "scale_bias_relu",
     "relu_bn_backward_reduce",
     "bn_backward_apply",
+    "scale_bias_relu_",
+    "has_branch_ops",
+    "residual_branch_forward",
+    "residual_branch_backward",
 ]
 
 _FWD = "sdkernels::scale_bias_add_relu"
@@ -53,39 +59,26 @@ _DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16:
                 torch.bool: "Bool", torch.complex64: "ComplexFloat",
                 torch.complex128: "ComplexDouble"}
 
-_C = None
-_reason: Optional[str] = None
-try:
-    _C = importlib.import_module("sdkernels._C")
-except (ImportError, OSError) as exc:  # not built, or built against another torch
-    _reason = f"sdkernels._C could not be loaded: {type(exc).__name__}: {exc}"
+# Loading the library is sdkernels.availability's (below backends, design §3).
+unavailable_reason = _availability.extension_missing
+built_with_cuda = _availability.extension_has_cuda
 
 
 def is_available() -> bool:
     """True when the compiled library loaded and its ops are registered."""
-    return _C is not None
-
-
-def unavailable_reason() -> Optional[str]:
-    """Why the compiled library is not available, or None when it is."""
-    return _reason
+    return _availability.extension_library() is not None
 
 
 def library_path() -> Optional[str]:
     """File path of the loaded ``sdkernels._C`` library, or None."""
-    return getattr(_C, "__file__", None) if _C is not None else None
-
-
-def built_with_cuda() -> bool:
-    """True when the loaded library has CUDA kernels (independent of a visible GPU)."""
-    if _C is None:
-        return False
-    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(_FWD, "CUDA"))
+    lib = _availability.extension_library()
+    return getattr(lib, "__file__", None) if lib is not None else None
 
 
 def _require() -> None:
-    if _C is None:
-        raise RuntimeError(f"sdkernels compiled extension is not available: {_reason}")
+    if _availability.extension_library() is None:
+        raise RuntimeError(f"sdkernels compiled extension is not available: "
+                           f"{_availability.extension_missing()}")
 
 
 def scale_bias_add_relu(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
@@ -146,6 +139,46 @@ def bn_backward_apply(grad_out: torch.Tensor, out: Optional[torch.Tensor], y: to
     _require()
     return torch.ops.sdkernels.bn_backward_apply(grad_out, out, y, mean, invstd, weight,
                                                  sum_dy, sum_dy_xhat)
+
+
+def scale_bias_relu_(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """relu(x * scale[c] + bias[c] (+ residual)) written into x; returns x. Not
+    differentiable (the folded eval epilogue, design §5)."""
+    _require()
+    torch.ops.sdkernels.scale_bias_relu_(x, scale, bias, residual)
+    return x
+
+
+def has_branch_ops() -> bool:
+    """True when the loaded library has the whole-branch training ops (CPU builds since
+    they were added; an older build lacks them)."""
+    return is_available() and hasattr(torch.ops.sdkernels, "residual_branch_forward")
+
+
+def residual_branch_forward(x, residual, weights, bn_weights, bn_biases, running_means,
+                            running_vars, strides, paddings, dilations, groups, momentums,
+                            eps, gate_scale):
+    """(out, saved) of a whole residual branch in training (csrc/cpu/residual_branch.cpp).
+
+    Not differentiable: ``ops.fused_block`` is its autograd. Conv settings are flattened
+    per stage (two values each for stride, padding, dilation).
+    """
+    _require()
+    return torch.ops.sdkernels.residual_branch_forward(
+        x, residual, weights, bn_weights, bn_biases, running_means, running_vars, strides,
+        paddings, dilations, groups, momentums, eps, gate_scale)
+
+
+def residual_branch_backward(grad_out, x, out, saved, weights, bn_weights, bn_biases,
+                             strides, paddings, dilations, groups, gate_scale,
+                             identity_residual, output_mask):
+    """(grad_x, grad_residual, grad_weights, grad_gammas, grad_betas) of
+    :func:`residual_branch_forward`; entries not asked for in ``output_mask`` are empty."""
+    _require()
+    return torch.ops.sdkernels.residual_branch_backward(
+        grad_out, x, out, saved, weights, bn_weights, bn_biases, strides, paddings,
+        dilations, groups, gate_scale, identity_residual, output_mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -430,10 +463,10 @@ def _register_branch_ops() -> None:
 def _branch_layout(x: torch.Tensor) -> torch.memory_format:
     # as csrc/cpu/residual_branch.cpp and the Python branch: channels_last only when not
     # also NCHW-contiguous
-    from .fused_block import _layout
-    return _layout(x)
+    return layout_of(x)
 
 
+_C = _availability.extension_library()
 if _C is not None and not getattr(_C, "_sdkernels_python_registered", False):
     # (The marker lives on the extension module, so re-importing or reloading this
     # file does not register twice.)
@@ -441,6 +474,7 @@ if _C is not None and not getattr(_C, "_sdkernels_python_registered", False):
         _register()
         _C._sdkernels_python_registered = True
     except Exception as exc:  # e.g. a torch too old for torch.library.register_fake
-        _C = None
-        _reason = (f"sdkernels._C loaded but registering its fake/autograd kernels "
-                   f"failed: {type(exc).__name__}: {exc}")
+        _availability.extension_failed(
+            f"sdkernels._C loaded but registering its fake/autograd kernels failed: "
+            f"{type(exc).__name__}: {exc}")
+del _C

@@ -22,18 +22,20 @@ Layout: 4-D inputs are computed in channels_last internally (oneDNN's and cuDNN'
 layout); the output keeps the input's layout. Gradients for the input come back in
 channels_last, which autograd accepts and the previous block consumes as is.
 
-On CPU with the extension the same decomposition runs as two compiled calls
-(``_CompiledBranchFn`` -> ``sdkernels::residual_branch_forward`` / ``_backward``,
-csrc/cpu/residual_branch.cpp), which also keep the input gradient in x's layout and
-reuse backward buffers in place; ``_ResidualBranchFn`` below is the op-by-op version
-(CUDA, Triton, and the reference ops that serve as its oracle in tests).
+Two implementations of the one decomposition, each a device's (``ops.dispatch`` picks):
+``residual_branch_train_cpu`` runs it as two compiled calls (``_CompiledBranchFn`` ->
+``sdkernels::residual_branch_forward`` / ``_backward``, csrc/cpu/residual_branch.cpp),
+which also keep the input gradient in x's layout and reuse backward buffers in place;
+``residual_branch_train`` (``_ResidualBranchFn``) runs it op by op with a
+:class:`Kernels` set: the extension's on CUDA, Triton's, or ``REFERENCE_KERNELS``, the
+plain-PyTorch oracle of both in tests.
 
 With the Triton kernels (``triton_kernels``) each convolution also emits its output's
 BN statistics from its epilogue and applies the previous stage's scale-bias-ReLU while
 loading its input, so a_i is never written in forward (DESIGN 5); backward is the same.
 
 Limits: plain BatchNorm in training mode (batch statistics), convolutions without bias;
-anything else goes through the module path in ``sdkernels.blocks``. Under
+anything else runs the modules (``ops.dispatch``). Under
 ``torch.compile`` the blocks use the ATen path instead, which Inductor fuses itself.
 Double backward is not supported.
 """
@@ -46,10 +48,11 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..backends import effective_device_type
-from . import reference
+from . import extension, reference
+from .reference import layout_of as _layout
 
-__all__ = ["ConvBN", "Kernels", "REFERENCE_KERNELS", "extension_kernels", "triton_kernels",
-           "residual_branch_train", "conv_bn_relu_train"]
+__all__ = ["ConvBN", "Kernels", "REFERENCE_KERNELS", "EXTENSION_KERNELS", "triton_kernels",
+           "residual_branch_train", "residual_branch_train_cpu", "conv_bn_relu_train"]
 
 _aten = torch.ops.aten
 
@@ -75,7 +78,6 @@ class ConvBN:
 class Kernels:
     """The elementwise/reduction ops the fused branch is built from (one backend)."""
 
-    name: str
     bn_stats: object
     scale_bias_relu: object
     scale_bias_add_relu: object
@@ -88,22 +90,21 @@ class Kernels:
 
 
 REFERENCE_KERNELS = Kernels(
-    "reference", reference.bn_stats, reference.scale_bias_relu,
-    reference.scale_bias_add_relu, reference.relu_bn_backward_reduce,
-    reference.bn_backward_apply)
+    reference.bn_stats, reference.scale_bias_relu, reference.scale_bias_add_relu,
+    reference.relu_bn_backward_reduce, reference.bn_backward_apply)
 
-
-def extension_kernels() -> Kernels:
-    ops = torch.ops.sdkernels
-    return Kernels("extension", ops.bn_stats, ops.scale_bias_relu, ops.scale_bias_add_relu,
-                   ops.relu_bn_backward_reduce, ops.bn_backward_apply)
+EXTENSION_KERNELS = Kernels(
+    extension.bn_stats, extension.scale_bias_relu, extension.scale_bias_add_relu,
+    extension.relu_bn_backward_reduce, extension.bn_backward_apply)
 
 
 def triton_kernels() -> Kernels:
+    """The extension's kernels with Triton's statistics-emitting convolution (imports
+    triton, hence a function)."""
     from . import triton as tri
-    ext = extension_kernels()
-    return Kernels("triton", ext.bn_stats, ext.scale_bias_relu, ext.scale_bias_add_relu,
-                   ext.relu_bn_backward_reduce, ext.bn_backward_apply, tri.conv_bn_stats)
+    return Kernels(*[getattr(EXTENSION_KERNELS, f) for f in (
+        "bn_stats", "scale_bias_relu", "scale_bias_add_relu", "relu_bn_backward_reduce",
+        "bn_backward_apply")], conv_bn_stats=tri.conv_bn_stats)
 
 
 def _finalize_stats(y, mean, var, st: ConvBN):
@@ -129,13 +130,6 @@ def _fold(mean, invstd, gamma, beta, gate_scale: float):
     if gate_scale != 1.0:
         scale, shift = scale * gate_scale, shift * gate_scale
     return scale, shift
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is stored that way (and not also plain contiguous)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _conv(x, st: ConvBN, w):
@@ -273,7 +267,7 @@ class _CompiledBranchFn(torch.autograd.Function):
         ws, gammas, betas = params[0::3], params[1::3], params[2::3]
         with torch._C._AutoDispatchBelowAutograd():
             rms, rvs, momentums, eps = bn_args
-            out, saved = torch.ops.sdkernels.residual_branch_forward(
+            out, saved = extension.residual_branch_forward(
                 x, residual, ws, gammas, betas, rms, rvs, *conv_args, momentums, eps,
                 gate_scale)
         ctx.conv_args, ctx.gate_scale = conv_args, gate_scale
@@ -297,7 +291,7 @@ class _CompiledBranchFn(torch.autograd.Function):
         need = ctx.needs_input_grad  # (x, residual, conv_args, bn_args, gate_scale, *params)
         mask = [bool(need[0]), bool(need[1])] + [bool(v) for v in need[5:]]
         with torch._C._AutoDispatchBelowAutograd():
-            gx, gres, gws, ggs, gbs = torch.ops.sdkernels.residual_branch_backward(
+            gx, gres, gws, ggs, gbs = extension.residual_branch_backward(
                 grad_out, x, out, ys_stats, ws, gammas, betas, *ctx.conv_args,
                 ctx.gate_scale, ctx.identity, mask)
         grads = []
@@ -308,14 +302,12 @@ class _CompiledBranchFn(torch.autograd.Function):
         return (gx if mask[0] else None, gres if mask[1] else None, None, None, None, *grads)
 
 
-def _compiled_branch_ok(x: torch.Tensor, stages: Sequence[ConvBN], kernels: Kernels) -> bool:
-    """Whether the compiled whole-branch ops apply (CPU extension, plain stages)."""
-    if kernels.name != "extension" or x.device.type != "cpu":
-        return False
-    if not hasattr(torch.ops.sdkernels, "residual_branch_forward"):
-        return False  # an extension built before these ops
+def _compiled_branch_applies(stages: Sequence[ConvBN]) -> bool:
+    """Whether the compiled whole-branch ops take these stages: one running-stat mode for
+    all stages (one list argument), 4-D weights, and a library that has the ops."""
     tracked = {st.running_mean is not None for st in stages}
-    return len(tracked) == 1 and all(st.weight.dim() == 4 for st in stages)
+    return (len(tracked) == 1 and all(st.weight.dim() == 4 for st in stages)
+            and extension.has_branch_ops())
 
 
 def _compiled_branch(x, residual, stages, params, gate_scale):
@@ -328,17 +320,9 @@ def _compiled_branch(x, residual, stages, params, gate_scale):
     return _CompiledBranchFn.apply(x, residual, conv_args, bn_args, float(gate_scale), *params)
 
 
-def residual_branch_train(x: torch.Tensor, residual: Optional[torch.Tensor],
-                          stages: Sequence[ConvBN], gate_scale: float,
-                          kernels: Kernels) -> torch.Tensor:
-    """relu(residual + gate_scale * branch(x)) in training mode, fused and recomputing.
-
-    ``residual=None`` means the identity shortcut (residual is ``x`` itself): its
-    gradient is added to the input gradient without another pass. ``stages`` are the
-    conv+BN stages of the branch in order (BasicBlock: 2, Bottleneck: 3); every stage
-    but the last is followed by a ReLU, the last by the residual add and the ReLU.
-    Under autocast the convolutions run in the autocast dtype, as eager would.
-    """
+def _autocast_inputs(x, residual, stages):
+    """(device type, x, residual, params) in the dtype the convolutions run in: the
+    autocast dtype when autocast is on, as eager would, else x's."""
     if x.dim() != 4:
         raise ValueError(f"residual_branch_train: expected a 4-D input, got {x.dim()}-D")
     dev = effective_device_type(x.device)  # autocast state of the device it stands for
@@ -354,11 +338,36 @@ def residual_branch_train(x: torch.Tensor, residual: Optional[torch.Tensor],
     params = []
     for st, w in zip(stages, ws):
         params += [w, st.bn_weight, st.bn_bias]
+    return dev, x, residual, params
+
+
+def residual_branch_train(x: torch.Tensor, residual: Optional[torch.Tensor],
+                          stages: Sequence[ConvBN], gate_scale: float,
+                          kernels: Kernels) -> torch.Tensor:
+    """relu(residual + gate_scale * branch(x)) in training mode, fused and recomputing,
+    op by op with ``kernels``.
+
+    ``residual=None`` means the identity shortcut (residual is ``x`` itself): its
+    gradient is added to the input gradient without another pass. ``stages`` are the
+    conv+BN stages of the branch in order (BasicBlock: 2, Bottleneck: 3); every stage
+    but the last is followed by a ReLU, the last by the residual add and the ReLU.
+    Under autocast the convolutions run in the autocast dtype, as eager would.
+    """
+    dev, x, residual, params = _autocast_inputs(x, residual, stages)
     with torch.autocast(dev, enabled=False):
-        if _compiled_branch_ok(x, stages, kernels):
-            return _compiled_branch(x, residual, stages, params, gate_scale)
         spec = (tuple(stages), kernels, float(gate_scale), torch.channels_last)
         return _ResidualBranchFn.apply(x, residual, spec, *params)
+
+
+def residual_branch_train_cpu(x: torch.Tensor, residual: Optional[torch.Tensor],
+                              stages: Sequence[ConvBN], gate_scale: float) -> torch.Tensor:
+    """:func:`residual_branch_train` on CPU through the compiled whole-branch ops; stages
+    those ops do not take (mixed running-stat tracking) run op by op on the extension."""
+    if not _compiled_branch_applies(stages):
+        return residual_branch_train(x, residual, stages, gate_scale, EXTENSION_KERNELS)
+    dev, x, residual, params = _autocast_inputs(x, residual, stages)
+    with torch.autocast(dev, enabled=False):
+        return _compiled_branch(x, residual, stages, params, gate_scale)
 
 
 class _ConvBNReLUFn(torch.autograd.Function):

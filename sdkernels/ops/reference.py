@@ -24,6 +24,7 @@ __all__ = [
     "bn_backward_apply",
     "mask_multiply",
     "bernoulli_mask",
+    "layout_of",
 ]
 
 
@@ -149,6 +150,13 @@ def bn_backward_apply(grad_out, out, y, mean, invstd, weight, sum_dy, sum_dy_xha
     xhat = (y.to(acc) - pc(mean)) * pc(invstd)
     g = pc(k) * (dy.to(acc) - pc(sum_dy) / m - xhat * pc(sum_dy_xhat) / m)
     return g.to(y.dtype).contiguous(memory_format=_fmt(y))
+
+
+def layout_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored that way (and not also plain contiguous)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _fmt(x: torch.Tensor) -> torch.memory_format:

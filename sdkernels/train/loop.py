@@ -11,9 +11,9 @@ the full-depth network in eval mode (eval scaling), metrics summed over ranks, o
 line in ``log.jsonl`` and a checkpoint (rank 0 only).
 
 ``--baseline-epochs K`` first measures the time-weighted expected-depth prediction of
-the benchmark harness (:mod:`sdkernels.bench.predict`: FixedGates copies of the model
+the benchmark harness shares (:mod:`sdkernels.measure.predict`: FixedGates copies of the model
 with all blocks dropped, one stage active, all active, timed interleaved with
-:func:`sdkernels.bench.timing.interleaved_timing`), then trains a copy of the model with
+:func:`sdkernels.measure.timing.interleaved_timing`), then trains a copy of the model with
 every gate fixed on (constant depth) for K timed epochs. At the end the measured
 per-epoch saving is reported next to that prediction. The copies use their own
 optimizer and augmentation generator: the real run is the same with or without them.
@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import use_backend
-from ..bench import predict as bench_predict
-from ..bench.timing import interleaved_timing, summarize, synchronize
-from ..bench.predict import gate_fraction
-from ..bench.report import jsonable
-from ..bench.variants import fix_gates, stages_of
+from ..measure import predict
+from ..measure.calibration import fix_gates, stages_of
+from ..measure.predict import gate_fraction
+from ..measure.record import jsonable
+from ..measure.timing import interleaved_timing, summarize, synchronize
 from ..convert import residual_blocks
 from ..gates import gate_state, load_gate_state
 from ..models import cifar_resnet
@@ -353,7 +353,7 @@ def _time_prediction(cfg, env, model, data: _Data, probs) -> dict:
         names = list(means)
         summed = tdist.all_reduce_sum(env, [means[n] for n in names])
         means = {n: v / env.world_size for n, v in zip(names, summed)}
-    tp = bench_predict.time_prediction(means["calib:none"],
+    tp = predict.time_prediction(means["calib:none"],
                                        [means[f"calib:{s}"] for s in stages],
                                        means["calib:all"], probs, stage_of)
     tp["calib_rounds"] = cfg.calib_rounds
@@ -461,7 +461,7 @@ def _summary(cfg, env, history, baseline, tp, flop, e_depth, n_blocks, digests) 
                       for l in range(n_blocks)] if all("block_active" in h for h in timed) else None
             realized = None
             if active is not None:
-                realized = 1.0 - bench_predict.realized_time_ratio(
+                realized = 1.0 - predict.realized_time_ratio(
                     tp, tp["stage_of"], [[torch.tensor(a) for a in active]])
             s["saving"].update({
                 "predicted_time_weighted": predicted,
@@ -603,7 +603,7 @@ def _train(cfg: TrainConfig, env: tdist.DistEnv) -> dict:
               f"{data.val_size} val / {data.test_x.shape[0]} test images; batch {cfg.batch_size} "
               f"on {env.world_size} process(es), {data.steps} steps/epoch; device {env.device}")
 
-    flop = bench_predict.flop_prediction(*bench_predict.count_flops(model), probs)
+    flop = predict.flop_prediction(*predict.count_flops(model), probs)
     if cfg.baseline_epochs > 0 and baseline is None:
         # the timing copies draw nothing from the global RNG; fork it all the same
         devs = [torch.cuda.current_device()] if env.device.type == "cuda" else []

@@ -17,7 +17,8 @@ defined), in which case the kernels run, slowly, on CPU tensors.
 from __future__ import annotations
 
 import importlib
-import os
+
+from ... import availability as _availability
 
 __all__ = ["is_available", "unavailable_reason", "interpreter_enabled",
            "conv2d_fused", "block_eval", "conv_bn_stats", "check_autotune_configs"]
@@ -33,50 +34,9 @@ _LAZY = {
 }
 
 
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET`` asks for the Triton interpreter (kernels on CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-_triton_import_error: str | None = None
-_triton_checked = False
-
-
-def _triton_missing() -> str | None:
-    global _triton_checked, _triton_import_error
-    if not _triton_checked:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401  (a broken install fails here)
-        except Exception as e:  # ImportError, or a broken install
-            _triton_import_error = f"triton is not importable ({type(e).__name__}: {e})"
-        _triton_checked = True
-    return _triton_import_error
-
-
-def unavailable_reason(device_type: str | None = None) -> str | None:
-    """Why the Triton kernels cannot run (None when they can).
-
-    ``device_type`` None: anywhere in this process; ``"cuda"``: on CUDA tensors;
-    ``"cpu"``: on CPU tensors (only under the Triton interpreter).
-    """
-    why = _triton_missing()
-    if why:
-        return why
-    import torch
-
-    cuda = torch.cuda.is_available()
-    interp = interpreter_enabled()
-    if device_type is None:
-        if cuda or interp:
-            return None
-        return "no CUDA device, and the Triton interpreter is off (set TRITON_INTERPRET=1)"
-    if device_type == "cuda":
-        return None if cuda else "no CUDA device"
-    if device_type == "cpu":
-        return None if interp else ("Triton kernels run on CPU tensors only under the "
-                                    "interpreter (set TRITON_INTERPRET=1)")
-    return f"no Triton kernels for device type {device_type!r}"
+# Availability is answered below backends (design §3), by sdkernels.availability.
+interpreter_enabled = _availability.interpreter_enabled
+unavailable_reason = _availability.triton_unavailable_reason
 
 
 def is_available(device_type: str | None = None) -> bool:
