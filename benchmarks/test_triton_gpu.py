@@ -2,7 +2,7 @@
 
 Per block shape (CIFAR stage BasicBlocks 16ch@32, 32ch@16, 64ch@8; ResNet-50
 Bottlenecks 64@56, 128@28, 256@14, 512@7; identity shortcut; batch 128, channels_last)
-and dtype (bf16, fp16), side by side in one test (DESIGN 7: ratios from one process,
+and dtype (bf16, fp16), side by side in one test (design §7: ratios from one process,
 variants interleaved round by round so a slow spell of the GPU hits all alike):
 
 ``eval``  eager      torchvision-style block, cuDNN convs, BN (eval) unfolded

@@ -183,7 +183,7 @@ TORCH_LIBRARY(sdkernels, m) {
       "scale_bias_add_relu_backward(Tensor grad_out, Tensor out, Tensor x, "
       "Tensor scale) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
-  // --- Training-mode BN, decomposed as in DESIGN 5 (ops below) --------------------
+  // --- Training-mode BN, decomposed as in design §5 (ops below) --------------------
   // Per-channel batch statistics of x [N, C, *] over M = N * prod(shape[2:]) values:
   // returns (mean, invstd = 1 / sqrt(var + eps)), var biased, in the statistics dtype
   // (float32, or float64 for float64 x). When running_mean/running_var are given they

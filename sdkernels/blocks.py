@@ -2,7 +2,7 @@
 
 ``BasicBlock`` and ``Bottleneck`` take torchvision's constructor arguments and keep its
 parameter names and state_dict keys, plus keyword-only ``survival_prob``, ``mode`` and
-``scaling`` (DESIGN 2):
+``scaling`` (design §2):
 
 * training, ``mode="batch"``: one gate b ~ Bernoulli(p) per forward. b = 1:
   ``relu(shortcut(x) + s * f(x))``; b = 0: ``relu(shortcut(x))`` and nothing of the

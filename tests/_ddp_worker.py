@@ -42,7 +42,7 @@ def ddp_setup(dropped_grads: str = "auto"):
 
 def make_optimizer(params):
     # Momentum and weight decay: a parameter whose grad is None is skipped by SGD,
-    # one whose grad is zero still decays and moves with its momentum (DESIGN 2).
+    # one whose grad is zero still decays and moves with its momentum (design §2).
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-3)
 
 

@@ -1,4 +1,4 @@
-"""Block semantics (DESIGN 2): what runs, what is skipped, what comes out."""
+"""Block semantics (design §2): what runs, what is skipped, what comes out."""
 import copy
 import math
 

@@ -1,4 +1,4 @@
-"""torch.compile of stochastic-depth models (DESIGN 2: gates drawn on the host).
+"""torch.compile of stochastic-depth models (design §2: gates drawn on the host).
 
 The gate draws (``GateGenerator.batch``/``rows``) are ``torch.compiler.disable``d, so a
 compiled model graph-breaks at each draw and the gate becomes a guarded Python value

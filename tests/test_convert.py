@@ -1,4 +1,4 @@
-"""Converting ResNets to stochastic depth and back (DESIGN 6.5).
+"""Converting ResNets to stochastic depth and back (design §6).
 
 The real torchvision and timm models run (on CPU, random init, nothing downloaded)
 where those packages are installed: CI's CUDA-torch environment. Without them (CI's

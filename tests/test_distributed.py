@@ -1,4 +1,4 @@
-"""Stochastic depth under torch.distributed DDP (DESIGN 2, "Distributed").
+"""Stochastic depth under torch.distributed DDP (design §2, "Distributed").
 
 A 2-process gloo job on CPU trains a CIFAR ResNet-20 with DDP's defaults (no
 ``find_unused_parameters``) for 20 steps with dropped blocks; gradients must agree

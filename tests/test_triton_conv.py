@@ -11,7 +11,7 @@ the one rounding the kernel does inside (the prologue result is rounded to the
 activation dtype before the tensor-core dot, as eager PyTorch's BN output would be);
 so fused results are checked to output-rounding accuracy. (The interpreter rounds
 fp32 -> bf16 toward zero where the GPU rounds to nearest; the oracle mimics that.)
-``test_lowp_error_vs_torch`` checks DESIGN 6's rule: fused low-precision error at most
+``test_lowp_error_vs_torch`` checks design §6's rule: fused low-precision error at most
 ~2x PyTorch's in the same dtype. Triton 3.9's interpreter also gets bf16 ``tl.dot``
 wrong (it multiplies bit patterns): the kernel upcasts bf16 operands to fp32 for the
 dot under the interpreter only (exact, bf16 products fit fp32).
@@ -251,7 +251,7 @@ def test_stats_large_mean_and_deterministic():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lowp_error_vs_torch(dtype):
-    """DESIGN 6: fused low-precision error at most ~2x PyTorch's in the same dtype."""
+    """design §6: fused low-precision error at most ~2x PyTorch's in the same dtype."""
     x = _rand(2, 16, 8, 8, dtype=dtype)
     w = _rand(16, 16, 3, 3, dtype=dtype, scale=1 / 12)
     b = _rand(16)

@@ -3,7 +3,7 @@
 // residual add, ReLU) in training mode, in one call each way.
 //
 // What it fuses: nothing new numerically; it is the recomputing decomposition of
-// sdkernels/ops/fused_block.py (DESIGN 5) moved below Python. Per step the Python
+// sdkernels/ops/fused_block.py (design §5) moved below Python. Per step the Python
 // version issued ~40 small ops (folding BN into scale/shift, casts, layout copies) at
 // 5-10 us each, about as long as the elementwise work itself on CIFAR-sized blocks;
 // here the per-channel folding is a loop over C values, layout conversions use the

@@ -1,4 +1,4 @@
-// Torch-facing host code of the CUDA training-mode BN ops (DESIGN 5): bn_stats,
+// Torch-facing host code of the CUDA training-mode BN ops (design §5): bn_stats,
 // scale_bias_relu, relu_bn_backward_reduce and bn_backward_apply. Input checks (shared
 // with every backend, csrc/sdkernels.cpp), layout choice (x.suggest_memory_format(),
 // other strides made contiguous in it first), dtype dispatch, x's device and its current

@@ -1,4 +1,4 @@
-// Device-side launchers of the training-mode BN ops (DESIGN 5): sdkernels::bn_stats,
+// Device-side launchers of the training-mode BN ops (design §5): sdkernels::bn_stats,
 // relu_bn_backward_reduce and bn_backward_apply. (scale_bias_relu's forward shares the
 // scale_bias_add_relu kernel: see scale_bias_add_relu_kernel.cuh.)
 //

@@ -1,6 +1,6 @@
 """Dry run of every CUDA code path on a CPU, with counts of what a GPU would do.
 
-No GPU needed (DESIGN 8). Each variant (model x backend x layout x dtype) runs, through
+No GPU needed (design §8). Each variant (model x backend x layout x dtype) runs, through
 the library's ordinary Python:
 
 * ``forward``  a training forward + loss on fake CUDA tensors (``FakeTensorMode``);

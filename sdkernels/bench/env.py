@@ -1,4 +1,4 @@
-"""What every recorded result carries: device, versions, backend (DESIGN 7)."""
+"""What every recorded result carries: device, versions, backend (design §7)."""
 from __future__ import annotations
 
 import os

@@ -1,6 +1,6 @@
 """Training steps and an interleaved step timer.
 
-Machines are noisy (DESIGN 7), so variants are never timed one after the other in long
+Machines are noisy (design §7), so variants are never timed one after the other in long
 runs. :func:`interleaved_timing` warms every variant up, then runs R rounds; each round
 times one training step of every variant in turn (the order rotates from round to
 round), so a slow spell of the machine hits all variants alike. Per variant it keeps

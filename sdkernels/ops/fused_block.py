@@ -1,6 +1,6 @@
 """Training forward/backward of a whole residual branch with BN, fused and recomputing.
 
-What it fuses (DESIGN 5): a residual block's branch is a chain of stages
+What it fuses (design §5): a residual block's branch is a chain of stages
 ``conv -> BN (batch statistics) -> ReLU`` whose last stage ends in
 ``BN * s + residual -> ReLU`` instead. Convolutions run through ATen (oneDNN / cuDNN);
 everything else runs as the sdkernels ops, one pass each:
@@ -32,7 +32,7 @@ plain-PyTorch oracle of both in tests.
 
 With the Triton kernels (``triton_kernels``) each convolution also emits its output's
 BN statistics from its epilogue and applies the previous stage's scale-bias-ReLU while
-loading its input, so a_i is never written in forward (DESIGN 5); backward is the same.
+loading its input, so a_i is never written in forward (design §5); backward is the same.
 
 Limits: plain BatchNorm in training mode (batch statistics), convolutions without bias;
 anything else runs the modules (``ops.dispatch``). Under

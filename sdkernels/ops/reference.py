@@ -75,7 +75,7 @@ def batch_norm_add_relu(y, residual, weight, bias, running_mean, running_var, *,
 
 
 # ---------------------------------------------------------------------------------------
-# Training-mode batch norm decomposed as DESIGN 5 does (statistics, apply, backward
+# Training-mode batch norm decomposed as design §5 does (statistics, apply, backward
 # reductions, backward apply): the oracle of the compiled ops of the same names.
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,6 +1,6 @@
 """Triton kernels: implicit-GEMM convolutions and what rides in their prologue/epilogue.
 
-Division of labour (DESIGN 5): the compiled extension holds the elementwise and reduction
+Division of labour (design §5): the compiled extension holds the elementwise and reduction
 ops; Triton holds the convolutions and everything fused into them (the previous BN's
 scale-bias-ReLU in the prologue; bias, residual add, ReLU and BN statistics in the
 epilogue).

@@ -1,7 +1,7 @@
 """Residual blocks built from the fused Triton conv (:mod:`.conv`).
 
 * :func:`block_eval`: a whole residual block in eval mode, BN and p_l already folded
-  into the conv weights and biases (DESIGN 5): every conv but the last runs with a
+  into the conv weights and biases (design §5): every conv but the last runs with a
   bias + ReLU epilogue, the last with bias + residual + ReLU; the shortcut (identity,
   option A or a 1x1 projection) is read inside that last epilogue. No separate
   elementwise pass: a BasicBlock is 2 kernel launches (3 with a projection), a
