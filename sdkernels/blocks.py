@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import layers, ops
-from .gates import GateGenerator, default_generator, survivors
+from .gates import GateGenerator, default_generator, recomputing, survivors
 from .ops import reference
 from .schedule import check_prob
 
@@ -56,6 +56,16 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and torch.cuda.is_available():
         t = t.pin_memory()
     return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t, non_blocking=True)
+
+
+@torch.compiler.disable  # host work, like the draw itself (one graph break per block)
+def _gate_of(block, gen, key, p, rows):
+    """The block's gate for this forward; ``last_gate`` records the forward's gate, not a
+    recomputation's (activation checkpointing replays the forward's gate anyway)."""
+    g = gen.gate(key, p, rows)
+    if not recomputing():
+        block.last_gate = g
+    return g
 
 
 class _ZeroGradTie(torch.autograd.Function):
@@ -110,6 +120,13 @@ class StochasticDepthBlock(nn.Module):
         self._gate_key = None  # position in the generator's step draw (GateGenerator.bind)
         self._sd_origin = None  # what revert() rebuilds; set by convert()
         self._fold_cache = ops.FoldCache()  # folded eval weights (design §5)
+
+    def __setstate__(self, state):
+        # whole-model pickles from before per-step gates and the fold cache object
+        super().__setstate__(state)
+        self.__dict__.setdefault("_gate_key", None)
+        if "_fold_cache" not in self.__dict__:
+            self._fold_cache = ops.FoldCache()
 
     # -- settable, validated attributes (users inspect and anneal them) ---------------
     @property
@@ -235,13 +252,11 @@ class StochasticDepthBlock(nn.Module):
         gen = self._generator()
         key = self._gate_key if self._gate_key is not None else ("block", id(self))
         if self._mode == "batch":
-            gate = gen.gate(key, p)
-            self.last_gate = gate
+            gate = _gate_of(self, gen, key, p, None)
             if self._drop_impl == "mask":
                 return self._mask_forward(x, torch.full((1,), gate, device=x.device), s)
             return self._active(x, s) if gate else self._dropped(x)
-        keep = gen.gate(key, p, x.shape[0])
-        self.last_gate = keep
+        keep = _gate_of(self, gen, key, p, x.shape[0])
         if self._drop_impl == "mask":
             return self._mask_forward(x, _to_device(keep, x.device), s)
         return self._active_rows(x, keep, s)

@@ -31,6 +31,14 @@ block that asks again while autograd is running a backward pass is being recompu
 the forward, so the recomputation runs the same network. A block that asks again outside
 a backward pass starts the next step. The last step's gates stay readable
 (:func:`gate_record`).
+
+Several forwards before one backward (two views through one encoder, a gradient
+penalty): the generator keeps the last steps, each with the autograd sequence number at
+which every block asked for its gate. A recomputation runs while the engine executes a
+node that the forward created next to that ask (the reentrant checkpoint's own node,
+numbered just before it; or, without reentrance, a node of the block whose saved tensor
+is being unpacked, numbered after it), so the step whose ask is nearest that node's
+number is the forward being replayed; other forwards' asks are a whole forward away.
 """
 from __future__ import annotations
 
@@ -51,23 +59,45 @@ __all__ = [
     "load_gate_state",
     "survivors",
     "gate_record",
+    "recomputing",
 ]
 
 
-def _in_backward() -> bool:
-    """True while the autograd engine runs a backward pass (checkpoint recomputation)."""
+def recomputing() -> bool:
+    """True while the autograd engine runs a backward pass: a block's forward there is a
+    recomputation (activation checkpointing)."""
     return torch._C._current_graph_task_id() != -1
+
+
+_in_backward = recomputing
 
 
 class _Step:
     """The gates of one training forward: a uniform matrix drawn once, and what each
     block took from it."""
 
-    __slots__ = ("uniforms", "gates")
+    __slots__ = ("uniforms", "gates", "asks")
 
     def __init__(self, uniforms):
         self.uniforms = uniforms  # [bound blocks, rows] CPU float tensor, or None
         self.gates: dict = {}     # block key -> bool (batch) or CPU bool tensor (rows)
+        self.asks: dict = {}      # block key -> autograd sequence number at its ask
+
+
+# Steps kept for recomputation: forwards that may still be waiting for their backward.
+_STEPS_KEPT = 16
+
+
+def _recomputed_step(steps, key):
+    """The step whose forward a recomputation inside a backward pass replays."""
+    having = [s for s in steps if key in s.gates]
+    if not having:
+        return None
+    node = torch._C._current_autograd_node()
+    if node is None:  # no node to go by: the latest forward
+        return having[-1]
+    t = node._sequence_nr() + 0.5  # + 0.5: no ties between an ask before and one after
+    return min(reversed(having), key=lambda s: abs(t - s.asks[key]))
 
 
 def _host():
@@ -90,14 +120,23 @@ class GateGenerator:
         else:
             self.manual_seed(seed)
         self._bound = 0
-        self._step: _Step | None = None
+        self._steps: list[_Step] = []
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a subclass that draws its own way (overrides batch/rows, as FixedGates does)
+        # keeps being asked through them
+        cls._own_draws = (cls.batch is not GateGenerator.batch
+                          or cls.rows is not GateGenerator.rows)
+
+    _own_draws = False
 
     def manual_seed(self, seed: int) -> "GateGenerator":
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self._gen.manual_seed(seed)
         self.initial_seed = seed
-        self._step = None
+        self._steps = []
         return self
 
     def bind(self, blocks) -> None:
@@ -108,7 +147,7 @@ class GateGenerator:
         for i, b in enumerate(blocks):
             b._gate_key = i
         self._bound = len(blocks)
-        self._step = None
+        self._steps = []
 
     @torch.compiler.disable
     def gate(self, key, p: float, rows: int | None = None):
@@ -119,16 +158,26 @@ class GateGenerator:
         block that already has its gate is a recomputation inside a backward pass (the
         same gate again) or else the start of the next step.
         """
+        if self._own_draws:
+            return self.batch(p) if rows is None else self.rows(p, rows)
         with _host():
-            step = self._step
-            if step is None or (key in step.gates and not _in_backward()):
+            if _in_backward():
+                # a recomputation (activation checkpointing): the forward's own gate
+                step = _recomputed_step(self._steps, key)
+                if step is not None:
+                    return step.gates[key]
+                # a block first run inside a backward pass: an ordinary ask
+            step = self._steps[-1] if self._steps else None
+            if step is None or key in step.gates:
                 n = 1 if rows is None else max(int(rows), 1)
                 u = (torch.rand((self._bound, n), generator=self._gen)
                      if self._bound else None)
-                step = self._step = _Step(u)
+                step = _Step(u)
+                self._steps = self._steps[-(_STEPS_KEPT - 1):] + [step]
             g = step.gates.get(key)
             if g is None:
                 g = step.gates[key] = self._decide(step.uniforms, key, p, rows)
+                step.asks[key] = torch._C._autograd._get_sequence_nr()
             return g
 
     def _decide(self, u, key, p, rows):
@@ -144,7 +193,7 @@ class GateGenerator:
 
     def last_step(self) -> dict:
         """Block key -> gate of the latest training forward (empty before the first)."""
-        return dict(self._step.gates) if self._step is not None else {}
+        return dict(self._steps[-1].gates) if self._steps else {}
 
     # The draws are kept out of torch.compile graphs: traced, they would become
     # constants and every step would reuse the gates of the step that was traced.
@@ -171,7 +220,7 @@ class GateGenerator:
             raise ValueError("not a GateGenerator state_dict: expected a dict with 'state'") from None
         self._gen.set_state(rng_state)
         self.initial_seed = state.get("initial_seed", self.initial_seed)
-        self._step = None  # a resumed run starts a fresh step
+        self._steps = []  # a resumed run starts a fresh step
 
     # torch.Generator cannot be deep-copied or pickled itself; copies of a model
     # (convert(inplace=False), torch.save of a whole model) carry the state instead.
@@ -182,7 +231,7 @@ class GateGenerator:
         self._gen = torch.Generator(device="cpu")
         self.initial_seed = None
         self._bound = state.get("bound", 0) if isinstance(state, dict) else 0
-        self._step = None
+        self._steps = []
         self.load_state_dict(state)
 
     def __deepcopy__(self, memo):
@@ -208,13 +257,6 @@ class FixedGates(GateGenerator):
     @torch.compiler.disable
     def batch(self, p: float) -> bool:
         return self.active
-
-    @torch.compiler.disable
-    def gate(self, key, p: float, rows: int | None = None):
-        if rows is None:
-            return self.active
-        with _host():
-            return torch.full((rows,), self.active, dtype=torch.bool)
 
     @torch.compiler.disable
     def rows(self, p: float, n: int) -> torch.Tensor:
@@ -295,6 +337,6 @@ def load_gate_state(model: nn.Module, state: list[dict]) -> None:
 
 def gate_record(model: nn.Module) -> list:
     """The gates of ``model``'s latest training forward, one per stochastic-depth block in
-    forward order: a bool (batch mode: did the block run), a CPU bool tensor (row mode:
+    module order (forward order for ResNets): a bool (batch mode: did the block run), a CPU bool tensor (row mode:
     which rows ran) or None (the block has not trained yet). For logging."""
     return [m.last_gate for m in _gated(model)]

@@ -47,18 +47,21 @@ def _wrap_layers(model, names, wrap):
     return model
 
 
-def _train(model, steps=3, batch=4, size=32, classes=10, seed=0):
-    """Per step: the gradients of every parameter (by name) and the gate record."""
+def _train(model, steps=3, batch=4, size=32, classes=10, seed=0, views=1):
+    """Per step: the gradients of every parameter (by name) and the gate record.
+    ``views`` forwards (as two views through one encoder) before one backward."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     out = []
     model.train()
     for _ in range(steps):
-        x = torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)
-        y = torch.randint(0, classes, (batch,), generator=g)
         opt.zero_grad(set_to_none=True)
-        # inputs that need grad make reentrant checkpointing keep its graph
-        loss = nn.functional.cross_entropy(model(x.requires_grad_()), y)
+        loss = 0
+        for v in range(views):
+            x = torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)
+            y = torch.randint(0, classes, (batch,), generator=g)
+            # inputs that need grad make reentrant checkpointing keep its graph
+            loss = loss + (v + 1) * nn.functional.cross_entropy(model(x.requires_grad_()), y)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         out.append((grads, [g if isinstance(g, bool) else g.clone() for g in gate_record(model)]))
@@ -97,6 +100,21 @@ def test_cifar_resnet_checkpointing_same_gradients(mode, how):
     else:
         _wrap_layers(ckpt, layers, lambda s: _CheckpointEach(s, how == "reentrant"))
     _same_training(plain, ckpt)
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("how", ["reentrant", "non_reentrant", "sequential"])
+def test_two_forwards_before_one_backward(mode, how):
+    # two views through one encoder: each recomputation must replay its own forward's
+    # gates, not the latest forward's
+    plain = _cifar(mode)
+    ckpt = copy.deepcopy(plain)
+    layers = ("layer1", "layer2", "layer3")
+    if how == "sequential":
+        _wrap_layers(ckpt, layers, lambda s: _CheckpointSequential(s, 2))
+    else:
+        _wrap_layers(ckpt, layers, lambda s: _CheckpointEach(s, how == "reentrant"))
+    _same_training(plain, ckpt, views=2, size=16)
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])

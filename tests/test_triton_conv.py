@@ -734,3 +734,29 @@ def test_alignment_class_and_unaligned_configs():
         assert (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] <= 20 * 32 * c.num_warps
     big = tconv._fitting_configs(tconv._GPU_CONFIGS, 256, 256, 2, 0, 232448, aligned=True)
     assert len(big) > len(small)
+
+
+@pytest.mark.skipif(not INTERP, reason="launches raw configs on CPU tensors")
+def test_stats_rows_of_an_earlier_config_are_not_counted():
+    # Autotuning benchmarks every candidate on the same buffers: a config with a smaller
+    # BLOCK_M leaves more stats rows behind than the chosen one writes. The autotuner
+    # zeroes the counts before each run (reset_to_zero), and zeroed rows are skipped.
+    assert "pcnt_ptr" in tconv._conv_fwd_autotuned.reset_to_zero
+    x = _rand(2, 16, 8, 8).contiguous(memory_format=CL)
+    w = _rand(16, 16, 3, 3, scale=0.2).contiguous(memory_format=CL)
+    m = 2 * 8 * 8
+    y = torch.empty((2, 16, 8, 8), memory_format=CL)
+    psum, pm2, pcnt = tconv._stat_buffers(m, 16, x.device)
+    dummy = torch.empty(1)
+    want = F.conv2d(x.double(), w.double(), padding=1).sum((0, 2, 3))
+
+    def launch(bm):
+        tconv._launch(tconv._conv_fwd_kernel, x, w, None, None, None, None, 1, 1, 1, 1, 0, 1,
+                      False, True, False, y, psum, pm2, pcnt, dummy, BLOCK_M=bm, BLOCK_N=16,
+                      BLOCK_K=16, num_warps=1, num_stages=1)
+
+    launch(32)
+    pcnt.zero_()  # what reset_to_zero does before the chosen config's run
+    launch(64)
+    total, _ = tconv._merge_stats(psum, pm2, pcnt, m)
+    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-4)
