@@ -8,7 +8,9 @@ counts and predictions are positive and consistent. The full table (ResNet-110, 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -20,14 +22,28 @@ DEPTH, BATCH = 20, 8
 COMBOS = [("channels_last", "bf16"), ("nchw", "fp32")]
 
 
+def _must_run(backend) -> bool:
+    """A backend may be skipped only where it is not installed: triton without the
+    triton package, the extension where the build is not required (CI requires it)."""
+    if backend == "triton":
+        return importlib.util.find_spec("triton") is not None
+    if backend == "extension":
+        return os.environ.get("SDKERNELS_REQUIRE_EXTENSION") == "1"
+    return True
+
+
 @pytest.fixture(scope="module")
 def results():
     base = dryrun.build_model("resnet110", depth=DEPTH)
     out = {}
     for backend in dryrun.BACKENDS:
         for layout, dtype in COMBOS:
-            out[backend, layout, dtype] = dryrun.run_variant(
-                "resnet110", backend, layout, dtype, BATCH, depth=DEPTH, base=base)
+            r = dryrun.run_variant("resnet110", backend, layout, dtype, BATCH, depth=DEPTH,
+                                   base=base)
+            if (r.error or "").startswith("skipped:") and not _must_run(backend):
+                continue  # not installed here: nothing to dry-run
+            out[backend, layout, dtype] = r
+    assert ("reference", "channels_last", "bf16") in out
     return out
 
 
@@ -111,7 +127,8 @@ def test_seam_is_off_by_default_and_scoped():
 
 
 def test_cost_model_predictions(results):
-    r = results["extension", "channels_last", "bf16"]
+    r = results.get(("extension", "channels_last", "bf16"),
+                    results["reference", "channels_last", "bf16"])
     preds = costmodel.predict_results([r])
     assert set(preds) == {(r.name, s) for s in dryrun.STEPS}
     for (_, step), p in preds.items():
