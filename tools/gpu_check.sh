@@ -39,10 +39,13 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 SDKERNELS_CUDA_ARCH_LIST=9.0
-# Run from outside the source tree so that `import sdkernels` is the installed build;
-# the dry run has no build and uses the source tree.
+# Run from outside the source tree so that `import sdkernels` is the installed build.
 run_dir="$out/.cwd"; mkdir -p "$run_dir"
-if [[ $dry -eq 1 ]]; then export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"; fi
+# The dry run has no build step: it uses the installed sdkernels (with its compiled
+# library) where there is one, else the source tree.
+if [[ $dry -eq 1 ]] && ! (cd "$run_dir" && "$py" -c "import sdkernels" >/dev/null 2>&1); then
+  export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+fi
 declare -a names=() codes=() secs=()
 status=0
 
