@@ -72,3 +72,39 @@ def max_err(a, ref):
 def upcast(*ts):
     """The tensors in float64 (None stays None)."""
     return [None if t is None else t.double() for t in ts]
+
+
+# --- folded residual blocks for the Triton block tests (test_triton_block/_conv) -------
+
+def folded_conv(rand, cin, cout, k, s, dtype=torch.float32):
+    """A folded conv stage (weight, bias, stride, padding) with weights of unit gain."""
+    w = rand(cout, cin, k, k, scale=(cin * k * k) ** -0.5).to(dtype)
+    return (w, rand(cout, scale=0.1), s, k // 2)
+
+
+def basic_convs(rand, cin, cout, s, dtype):
+    return [folded_conv(rand, cin, cout, 3, s, dtype), folded_conv(rand, cout, cout, 3, 1, dtype)]
+
+
+def bottleneck_convs(rand, cin, planes, s, dtype):
+    return [folded_conv(rand, cin, planes, 1, 1, dtype),
+            folded_conv(rand, planes, planes, 3, s, dtype),
+            folded_conv(rand, planes, 4 * planes, 1, 1, dtype)]
+
+
+def block_cases(rand):
+    """name -> (convs(dtype), shortcut(dtype), input shape) for block_eval."""
+    return {
+        "basic-identity": (lambda d: basic_convs(rand, 16, 16, 1, d), lambda d: ("identity",),
+                           (2, 16, 8, 8)),
+        "basic-option_a": (lambda d: basic_convs(rand, 8, 16, 2, d),
+                           lambda d: ("option_a", 2, 16), (2, 8, 8, 8)),
+        "basic-projection": (lambda d: basic_convs(rand, 8, 16, 2, d),
+                             lambda d: ("projection", folded_conv(rand, 8, 16, 1, 2, d)),
+                             (2, 8, 7, 7)),
+        "bottleneck-identity": (lambda d: bottleneck_convs(rand, 20, 5, 1, d),
+                                lambda d: ("identity",), (2, 20, 5, 7)),
+        "bottleneck-projection": (lambda d: bottleneck_convs(rand, 16, 5, 2, d),
+                                  lambda d: ("projection", folded_conv(rand, 16, 20, 1, 2, d)),
+                                  (2, 16, 8, 8)),
+    }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import basic_convs, block_cases, bottleneck_convs
 
 from sdkernels.ops import triton as sdtriton
 
@@ -54,32 +55,15 @@ def _close(got, want, rtol, what):
 # ---------------------------------------------------------------------------------------
 # block_eval
 
-def _folded_conv(cin, cout, k, s, dtype=torch.float32):
-    w = _rand(cout, cin, k, k, scale=(cin * k * k) ** -0.5).to(dtype)
-    return (w, _rand(cout, scale=0.1), s, k // 2)
-
-
 def _basic(cin, cout, s, dtype):
-    return [_folded_conv(cin, cout, 3, s, dtype), _folded_conv(cout, cout, 3, 1, dtype)]
+    return basic_convs(_rand, cin, cout, s, dtype)
 
 
 def _bottleneck(cin, planes, s, dtype):
-    return [_folded_conv(cin, planes, 1, 1, dtype), _folded_conv(planes, planes, 3, s, dtype),
-            _folded_conv(planes, 4 * planes, 1, 1, dtype)]
+    return bottleneck_convs(_rand, cin, planes, s, dtype)
 
 
-BLOCK_CASES = {
-    "basic-identity": (lambda d: _basic(16, 16, 1, d), lambda d: ("identity",), (2, 16, 8, 8)),
-    "basic-option_a": (lambda d: _basic(8, 16, 2, d), lambda d: ("option_a", 2, 16),
-                       (2, 8, 8, 8)),
-    "basic-projection": (lambda d: _basic(8, 16, 2, d),
-                         lambda d: ("projection", _folded_conv(8, 16, 1, 2, d)), (2, 8, 7, 7)),
-    "bottleneck-identity": (lambda d: _bottleneck(20, 5, 1, d), lambda d: ("identity",),
-                            (2, 20, 5, 7)),
-    "bottleneck-projection": (lambda d: _bottleneck(16, 5, 2, d),
-                              lambda d: ("projection", _folded_conv(16, 20, 1, 2, d)),
-                              (2, 16, 8, 8)),
-}
+BLOCK_CASES = block_cases(_rand)
 
 
 def _block_ref64(x, convs, sc):

@@ -23,6 +23,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import basic_convs, bottleneck_convs
 
 from sdkernels.ops import triton as sdtriton
 
@@ -314,49 +315,13 @@ def test_error_wrong_device():
 # ---------------------------------------------------------------------------------------
 # Blocks.
 
-def _folded_conv(cin, cout, k, s, dtype=torch.float32):
-    w = _rand(cout, cin, k, k, scale=(cin * k * k) ** -0.5).to(dtype)
-    return (w, _rand(cout, scale=0.1), s, k // 2)
-
-
 def _basic(cin, cout, s, dtype):
-    return [_folded_conv(cin, cout, 3, s, dtype), _folded_conv(cout, cout, 3, 1, dtype)]
+    return basic_convs(_rand, cin, cout, s, dtype)
 
 
 def _bottleneck(cin, planes, s, dtype):
-    return [_folded_conv(cin, planes, 1, 1, dtype), _folded_conv(planes, planes, 3, s, dtype),
-            _folded_conv(planes, 4 * planes, 1, 1, dtype)]
+    return bottleneck_convs(_rand, cin, planes, s, dtype)
 
-
-BLOCK_CASES = {
-    "basic-identity": (lambda d: _basic(16, 16, 1, d), lambda d: ("identity",), (2, 16, 8, 8)),
-    "basic-option_a": (lambda d: _basic(8, 16, 2, d), lambda d: ("option_a", 2, 16),
-                       (2, 8, 8, 8)),
-    "basic-projection": (lambda d: _basic(8, 16, 2, d),
-                         lambda d: ("projection", _folded_conv(8, 16, 1, 2, d)), (2, 8, 7, 7)),
-    "bottleneck-identity": (lambda d: _bottleneck(20, 5, 1, d), lambda d: ("identity",),
-                            (2, 20, 5, 7)),
-    "bottleneck-projection": (lambda d: _bottleneck(16, 5, 2, d),
-                              lambda d: ("projection", _folded_conv(16, 20, 1, 2, d)),
-                              (2, 16, 8, 8)),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", list(BLOCK_CASES))
-def test_block_eval(case, dtype):
-    make_convs, make_sc, shape = BLOCK_CASES[case]
-    convs, sc = make_convs(dtype), make_sc(dtype)
-    x = torch.relu(_rand(*shape)).to(dtype)
-    # IEEE fp32 on a GPU, so fp32's tolerance holds (tf32: tests/test_triton_block.py)
-    got = tblock.block_eval(x, convs, sc, allow_tf32=False)
-    ref = tblock.block_eval_reference(x.double(), [(w.double(), b, s, p) for w, b, s, p in convs],
-                                      sc if sc[0] != "projection" else
-                                      ("projection", (sc[1][0].double(),) + tuple(sc[1][1:])))
-    assert got.dtype == dtype and got.is_contiguous(memory_format=CL)
-    # intermediate activations are rounded to dtype between the convs
-    tol = 1e-4 if dtype == torch.float32 else 4 * EPS[dtype]
-    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * (1 + ref.abs().max().item()))
 
 
 def test_block_eval_fp32_weights_for_bf16_block():
