@@ -74,6 +74,19 @@ def upcast(*ts):
     return [None if t is None else t.double() for t in ts]
 
 
+# --- Triton kernel tests (test_triton_block/_conv) ---------------------------------------
+
+#: unit roundoff per dtype
+EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def rand_on(device):
+    """``rand(*shape, dtype, scale, offset)``: normal samples on ``device``."""
+    def rand(*shape, dtype=torch.float32, scale=1.0, offset=0.0):
+        return (torch.randn(shape) * scale + offset).to(device=device, dtype=dtype)
+    return rand
+
+
 # --- folded residual blocks for the Triton block tests (test_triton_block/_conv) -------
 
 def folded_conv(rand, cin, cout, k, s, dtype=torch.float32):

@@ -89,9 +89,12 @@ def _cifar(mode):
     return sdkernels.models.cifar_resnet(20, p_last=0.5, mode=mode, seed=3).double()
 
 
+# views=2: two views through one encoder before one backward; each recomputation must
+# replay its own forward's gates, not the latest forward's
+@pytest.mark.parametrize("views, size", [(1, 32), (2, 16)], ids=["one_forward", "two_forwards"])
 @pytest.mark.parametrize("mode", ["batch", "row"])
 @pytest.mark.parametrize("how", ["reentrant", "non_reentrant", "sequential"])
-def test_cifar_resnet_checkpointing_same_gradients(mode, how):
+def test_cifar_resnet_checkpointing_same_gradients(mode, how, views, size):
     plain = _cifar(mode)
     ckpt = copy.deepcopy(plain)
     layers = ("layer1", "layer2", "layer3")
@@ -99,22 +102,7 @@ def test_cifar_resnet_checkpointing_same_gradients(mode, how):
         _wrap_layers(ckpt, layers, lambda s: _CheckpointSequential(s, 2))
     else:
         _wrap_layers(ckpt, layers, lambda s: _CheckpointEach(s, how == "reentrant"))
-    _same_training(plain, ckpt)
-
-
-@pytest.mark.parametrize("mode", ["batch", "row"])
-@pytest.mark.parametrize("how", ["reentrant", "non_reentrant", "sequential"])
-def test_two_forwards_before_one_backward(mode, how):
-    # two views through one encoder: each recomputation must replay its own forward's
-    # gates, not the latest forward's
-    plain = _cifar(mode)
-    ckpt = copy.deepcopy(plain)
-    layers = ("layer1", "layer2", "layer3")
-    if how == "sequential":
-        _wrap_layers(ckpt, layers, lambda s: _CheckpointSequential(s, 2))
-    else:
-        _wrap_layers(ckpt, layers, lambda s: _CheckpointEach(s, how == "reentrant"))
-    _same_training(plain, ckpt, views=2, size=16)
+    _same_training(plain, ckpt, views=views, size=size)
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])

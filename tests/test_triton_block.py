@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import basic_convs, block_cases, bottleneck_convs
+from helpers import EPS, rand_on, basic_convs, block_cases, bottleneck_convs
 
 from sdkernels.ops import triton as sdtriton
 
@@ -32,15 +32,13 @@ from sdkernels.ops.triton import conv as tconv  # noqa: E402
 INTERP = tconv.INTERPRET
 DEV = torch.device("cpu" if INTERP else "cuda")
 CL = torch.channels_last
-EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 CONVS = {"3x3s1": (3, 1), "3x3s2": (3, 2), "1x1s1": (1, 1)}
 # Relative tolerances of fp32 results by dot precision (see the module docstring).
 TF32_RTOL = 5e-3
 PRECISIONS = [pytest.param(False, id="ieee"), pytest.param(True, id="tf32")]
 
 
-def _rand(*shape, dtype=torch.float32, scale=1.0, offset=0.0):
-    return (torch.randn(shape) * scale + offset).to(device=DEV, dtype=dtype)
+_rand = rand_on(DEV)
 
 
 def _close(got, want, rtol, what):

@@ -23,7 +23,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import basic_convs, bottleneck_convs
+from helpers import EPS, rand_on, basic_convs, bottleneck_convs
 
 from sdkernels.ops import triton as sdtriton
 
@@ -37,11 +37,9 @@ from sdkernels.ops.triton import conv as tconv  # noqa: E402
 INTERP = tconv.INTERPRET
 DEV = torch.device("cpu" if INTERP else "cuda")
 CL = torch.channels_last
-EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
-def _rand(*shape, dtype=torch.float32, scale=1.0, offset=0.0):
-    return (torch.randn(shape) * scale + offset).to(device=DEV, dtype=dtype)
+_rand = rand_on(DEV)
 
 
 def _to_dtype_like_kernel(h, dtype):
