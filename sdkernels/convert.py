@@ -1,6 +1,9 @@
-"""Swap the residual blocks of an existing ResNet for stochastic-depth blocks, and back.
+"""Give the residual blocks of an existing network real stochastic depth, and back.
 
-Recognised layouts (by child names, registration order and types, not by class, so any
+Plain ResNet blocks become the fused ``sdkernels.BasicBlock``/``Bottleneck``; the other
+residual families of timm and torchvision (SE/attention ResNets, ResNetV2, RegNet,
+ConvNeXt, ViT/DeiT/BEiT/EVA, Swin, EfficientNet/MobileNet) keep their block objects and
+get one gate per residual (``sdkernels.families``). Plain ResNet layouts (by child names, registration order and types, not by class, so any
 module with the layout is handled):
 
 * torchvision ``BasicBlock`` (conv1, bn1, relu, conv2, bn2, downsample) and
@@ -21,12 +24,14 @@ import copy
 
 from torch import nn
 
-from .blocks import BasicBlock, Bottleneck, StochasticDepthBlock, _choice, DROPPED_GRADS, \
-    DROP_IMPLS, MODES, SCALINGS
+from . import families
+from .blocks import BasicBlock, Bottleneck, StochasticDepthBlock
+from .families import GatedBlock
 from .gates import GateGenerator
-from .schedule import survival_probs
+from .residual import DROP_IMPLS, DROPPED_GRADS, MODES, SCALINGS, GatedResidual, _choice
+from .schedule import check_prob, survival_probs
 
-__all__ = ["convert", "revert", "residual_blocks"]
+__all__ = ["convert", "revert", "residual_blocks", "gates_of"]
 
 _CONV = nn.Conv2d
 
@@ -81,12 +86,26 @@ def _match_layout(m: nn.Module):
     return None, None, why
 
 
-def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every residual block, in forward (registration) order.
+def _classify(m: nn.Module):
+    """How ``m`` converts: ("converted", None), ("resnet", None) for the fused blocks,
+    ("family", Family), ("skip", None) for a known block without a residual, ("error",
+    why), or (None, None) for a module that is not a block (recurse into it)."""
+    if isinstance(m, (StochasticDepthBlock, GatedBlock)):
+        return "converted", None
+    why = None
+    if _looks_like_block(m):
+        layout, _, why = _match_layout(m)
+        if layout is not None:
+            return "resnet", None
+    fam, verdict = families.recognise(m)
+    if fam is not None:
+        return ("skip", None) if verdict == families.SKIP else ("family", fam)
+    reasons = "; ".join(w for w in (why, verdict) if w)
+    return ("error", reasons) if reasons else (None, None)
 
-    Raises ValueError naming the module for a block-like module whose layout is not
-    supported.
-    """
+
+def _visit(model: nn.Module):
+    """(qualified name, module, kind, family) of every block, in registration order."""
     found = []
 
     def visit(prefix, m):
@@ -94,18 +113,31 @@ def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if child is None:
                 continue
             qual = f"{prefix}.{name}" if prefix else name
-            if _looks_like_block(child):
-                if not isinstance(child, StochasticDepthBlock):
-                    layout, _, why = _match_layout(child)
-                    if layout is None:
-                        raise ValueError(f"cannot convert residual block '{qual}' "
-                                         f"({type(child).__name__}): {why}")
-                found.append((qual, child))
-            else:
+            kind, info = _classify(child)
+            if kind == "error":
+                raise ValueError(f"cannot convert residual block '{qual}' "
+                                 f"({type(child).__name__}): {info}")
+            if kind is None:
                 visit(qual, child)
+            elif kind != "skip":
+                found.append((qual, child, kind, info))
 
     visit("", model)
     return found
+
+
+def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every residual block, in forward (registration) order.
+
+    Raises ValueError naming the module for a block-like module whose layout is not
+    supported exactly.
+    """
+    return [(q, m) for q, m, _, _ in _visit(model)]
+
+
+def gates_of(block: nn.Module) -> list[GatedResidual]:
+    """The gates of a converted block, in forward order (a ResNet block is its own)."""
+    return block.sd_gates() if isinstance(block, GatedBlock) else [block]
 
 
 def _to_stochastic(block: nn.Module) -> StochasticDepthBlock:
@@ -141,44 +173,96 @@ def _set_child(model: nn.Module, qual: str, new: nn.Module) -> None:
     parent._modules[name] = new
 
 
-def convert(model: nn.Module, p_last: float = 0.5, schedule="linear", mode: str = "batch",
-            scaling: str = "test", inplace: bool = True, seed: int | None = None, *,
+def _original_drop_paths(block: nn.Module, kind: str, fam) -> list:
+    """Per gate of ``block`` (converted or about to be), the drop-path module of the
+    original model it stands for (None where there was none)."""
+    if isinstance(block, GatedBlock):
+        return block.sd_original_drop_paths()
+    if kind == "family":
+        return [block._modules.get(src, getattr(block, src, None))
+                for src in (fam.sources or fam.slots)]
+    origin = getattr(block, "_sd_origin", None)
+    saved = origin[2] if origin is not None else block._modules
+    return [saved.get("drop_path")]
+
+
+def _kept(qual, block, kind, fam, mode, scaling) -> list[tuple[float, str, str]]:
+    """schedule="keep": per gate (survival probability, mode, scaling) from the drop
+    path it replaces; a block built by sdkernels keeps its own settings."""
+    if isinstance(block, StochasticDepthBlock) and block._sd_origin is None:
+        return [(block.survival_prob, mode or block.mode, scaling or block.scaling)]
+    out = []
+    for m in _original_drop_paths(block, kind, fam):
+        rate, own_mode, by_keep = families.drop_path_rate(m)
+        if rate > 0 and not by_keep and scaling is None:
+            raise ValueError(f"convert(schedule='keep'): the drop path of '{qual}' does not "
+                             "scale by 1/keep (scale_by_keep=False), which neither "
+                             "scaling='test' nor 'train' reproduces; pass scaling= explicitly")
+        p = check_prob(1.0 - rate, f"survival probability of '{qual}' (1 - drop rate)")
+        out.append((p, mode or own_mode or "row", scaling or "train"))
+    return out
+
+
+def convert(model: nn.Module, p_last: float = 0.5, schedule="linear", mode: str | None = None,
+            scaling: str | None = None, inplace: bool = True, seed: int | None = None, *,
             dropped_grads: str = "auto", drop_impl: str = "skip") -> nn.Module:
-    """Give every residual block of ``model`` stochastic depth, weights kept.
+    """Give every residual block of ``model`` real stochastic depth, weights kept.
 
     Blocks are numbered l = 1..L in forward order and get p_l from ``schedule``
-    (``"linear"``, ``"uniform"`` or a list of L probabilities). All blocks share one new
-    gate generator seeded by ``seed``. Converting an already converted model re-applies
-    the schedule and options to its blocks. ``inplace=False`` converts a deep copy.
+    (``"linear"``, ``"uniform"`` or a list of L probabilities); a block with several
+    residuals (a transformer block's attention and MLP) gives each of them its p_l.
+    ``schedule="keep"`` keeps the model's own drop-path rates (timm ``drop_path_rate``,
+    torchvision ``stochastic_depth_prob``), and by default their per-sample mode and
+    inverted scaling (``mode="row"``, ``scaling="train"``); otherwise the defaults are
+    ``mode="batch"`` and ``scaling="test"`` (the paper). All gates share one new gate
+    generator seeded by ``seed``. Converting an already converted model re-applies the
+    schedule and options. ``inplace=False`` converts a deep copy.
     """
-    _choice(mode, MODES, "mode")
-    _choice(scaling, SCALINGS, "scaling")
+    keep = isinstance(schedule, str) and schedule == "keep"
+    if mode is not None:
+        _choice(mode, MODES, "mode")
+    if scaling is not None:
+        _choice(scaling, SCALINGS, "scaling")
     _choice(dropped_grads, DROPPED_GRADS, "dropped_grads")
     _choice(drop_impl, DROP_IMPLS, "drop_impl")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
-    if _looks_like_block(model):
+    if _looks_like_block(model) or _classify(model)[0] not in (None, "error"):
         raise ValueError(f"convert: pass the network that holds the blocks, not a block "
                          f"({type(model).__name__})")
-    blocks = residual_blocks(model)
-    if not blocks:
+    found = _visit(model)
+    if not found:
         raise ValueError(f"convert: no residual blocks found in {type(model).__name__}")
-    probs = survival_probs(len(blocks), p_last, schedule)
+    if keep:
+        settings = [_kept(q, m, k, f, mode, scaling) for q, m, k, f in found]
+    else:
+        probs = survival_probs(len(found), p_last, schedule)
+        settings = [[(p, mode or "batch", scaling or "test")] * len(gates_of_kind(m, k, f))
+                    for p, (q, m, k, f) in zip(probs, found)]
     if not inplace:
         model = copy.deepcopy(model)
-        blocks = residual_blocks(model)
+        found = _visit(model)
     gen = GateGenerator(seed)
-    for (qual, block), p in zip(blocks, probs):
-        sd = block if isinstance(block, StochasticDepthBlock) else _to_stochastic(block)
-        sd.survival_prob = p
-        sd.mode, sd.scaling = mode, scaling
-        sd.dropped_grads, sd.drop_impl = dropped_grads, drop_impl
-        sd.gate_generator = gen
-        if sd is not block:
-            _set_child(model, qual, sd)
-    gen.bind(b for b in model.modules() if isinstance(b, StochasticDepthBlock)
-             and b.gate_generator is gen)
+    for (qual, block, kind, fam), per_gate in zip(found, settings):
+        if kind == "resnet":
+            block = _to_stochastic(block)
+            _set_child(model, qual, block)
+        elif kind == "family":
+            families.to_gated(block, fam)
+        for g, (p, m, s) in zip(gates_of(block), per_gate):
+            g.survival_prob, g.mode, g.scaling = p, m, s
+            g.dropped_grads, g.drop_impl = dropped_grads, drop_impl
+            g.gate_generator = gen
+    gen.bind(g for g in model.modules() if isinstance(g, GatedResidual)
+             and g.gate_generator is gen)
     return model
+
+
+def gates_of_kind(block, kind, fam) -> list:
+    """The gates a block will have once converted (one per residual)."""
+    if kind == "family":
+        return list(fam.slots)
+    return gates_of(block) if kind == "converted" else [block]
 
 
 def revert(model: nn.Module, inplace: bool = True) -> nn.Module:
@@ -192,9 +276,15 @@ def revert(model: nn.Module, inplace: bool = True) -> nn.Module:
         raise TypeError(f"revert expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, StochasticDepthBlock):
         return (model if inplace else copy.deepcopy(model)).to_plain()
+    if isinstance(model, GatedBlock):
+        return families.revert_block(model if inplace else copy.deepcopy(model))
     if not inplace:
         model = copy.deepcopy(model)
-    found = [(q, m) for q, m in model.named_modules() if isinstance(m, StochasticDepthBlock)]
+    found = [(q, m) for q, m in model.named_modules()
+             if isinstance(m, (StochasticDepthBlock, GatedBlock))]
     for qual, block in found:
-        _set_child(model, qual, block.to_plain())
+        if isinstance(block, GatedBlock):
+            families.revert_block(block)
+        else:
+            _set_child(model, qual, block.to_plain())
     return model

@@ -251,14 +251,27 @@ def test_explicit_schedule_list():
         sdkernels.convert(CifarLikeResNet(), schedule=[1.0, 0.9])
 
 
+class _ActiveDropBlock(nn.Module):
+    """Stands for timm's DropBlock2d with a non-zero rate (random per sample)."""
+
+    drop_prob = 0.1
+
+    def forward(self, x):
+        return x
+
+
 @pytest.mark.thirdparty
 def test_unsupported_block_names_the_module():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(PreActBlock(8)))
     with pytest.raises(ValueError, match=r"'1\.0'.*PreActBlock"):
         sdkernels.convert(model)
-    se = timm_resnet("basic", se=True)
-    with pytest.raises(ValueError, match=r"layer1\.0.*se"):
-        sdkernels.convert(se)
+    # SE blocks convert (sdkernels.families); an active DropBlock cannot be exact
+    sdkernels.convert(timm_resnet("basic", se=True))
+    model = timm_resnet("basic")
+    qual, block = sdkernels.residual_blocks(model)[0]
+    block.drop_block = _ActiveDropBlock()
+    with pytest.raises(ValueError, match=rf"'{qual}'.*drop_block"):
+        sdkernels.convert(model)
 
 
 def test_no_residual_blocks_is_an_error():

@@ -1,0 +1,573 @@
+"""Real stochastic depth for the timm and torchvision residual families beyond the plain
+ResNet blocks: SE/ECA/attention and anti-aliased ResNets, SelectiveKernel, ResNetV2,
+RegNet, ConvNeXt, ViT/DeiT/BEiT/EVA, Swin, EfficientNet/MobileNet (design §2, §3).
+
+A block is recognised by its layout (child names, their registration order, and the
+attributes its forward reads), never by its class name, so a copy of a timm block in
+user code converts too. Each family says where each of its residuals' gates sits (the
+slot of its drop path: ``drop_path``, ``drop_path1``/``drop_path2``,
+``stochastic_depth``; a new parameter-free slot where the block has none) and how its
+forward runs with those residuals gated (:class:`sdkernels.residual.Residual`).
+
+Conversion is in place and keeps the block object: its class becomes a subclass of its
+own class and :class:`GatedBlock` (the pattern FSDP2's ``fully_shard`` uses), so
+parameters, buffers, hooks, every method of the original class (Swin's
+``set_input_size``, timm's feature extraction) and ``isinstance`` checks keep working,
+and the state_dict keys are unchanged (a gate holds no state). :func:`revert_block`
+restores the class and the original drop-path modules.
+
+Layouts that these forwards cannot reproduce exactly (an active DropBlock, post-norm
+blocks with layer scale, an unknown block carrying a drop path) raise a ValueError that
+names the module (:func:`recognise`).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .residual import Residual, ResidualGate, decide
+
+__all__ = ["Family", "FAMILIES", "GatedBlock", "recognise", "to_gated", "revert_block",
+           "looks_residual", "drop_path_rate", "SKIP"]
+
+#: :func:`recognise` result for a block of a known family that has no residual in this
+#: instance (timm ``has_skip=False``, torchvision ``use_res_connect=False``, a RegNet block
+#: without shortcut): its drop path is never applied, so it stays as it is.
+SKIP = "not a residual"
+
+
+# -- helpers the family forwards share ---------------------------------------------------
+
+def _child(block, name):
+    """A child module by name, or None (timm stores absent optional children as a plain
+    None attribute, torchvision as None in ``_modules``)."""
+    return getattr(block, name, None)
+
+
+def _identity_or(m):
+    """None for a shortcut that passes its input through, else the module."""
+    if m is None or isinstance(m, nn.Identity) or (type(m) is nn.Sequential and len(m) == 0):
+        return None
+    return m
+
+
+def _seq(block, names):
+    """The children ``names`` of ``block`` applied in order (absent ones skipped)."""
+    mods = [m for m in (_child(block, n) for n in names) if m is not None]
+
+    def run(h):
+        for m in mods:
+            h = m(h)
+        return h
+    return run
+
+
+def _params(block, names, param_names=()):
+    """Parameters of the children ``names`` and the block's own ``param_names``: what a
+    residual's branch uses, for DDP's zero gradients."""
+    def params():
+        for n in names:
+            m = _child(block, n)
+            if isinstance(m, nn.Module):
+                yield from m.parameters()
+        for n in param_names:
+            p = block._parameters.get(n)
+            if p is not None:
+                yield p
+    return params
+
+
+def _gate(block, slot) -> ResidualGate:
+    return block._modules[slot]
+
+
+def _rate_of(m) -> tuple[float, Optional[str], bool]:
+    """(drop rate, per-sample mode or None, scales by 1/keep) of a drop-path module:
+    timm ``DropPath`` (per sample, ``scale_by_keep``), torchvision ``StochasticDepth``
+    (``p``, ``mode``, always scales); anything else drops nothing."""
+    if m is None or isinstance(m, nn.Identity):
+        return 0.0, None, True
+    if hasattr(m, "drop_prob"):
+        return float(m.drop_prob), "row", bool(getattr(m, "scale_by_keep", True))
+    if hasattr(m, "p") and getattr(m, "mode", None) in ("row", "batch"):
+        return float(m.p), m.mode, True
+    raise ValueError(f"unknown drop-path module {type(m).__name__}")
+
+
+def _is_drop_path(m) -> bool:
+    return isinstance(m, nn.Module) and (
+        (hasattr(m, "drop_prob") and hasattr(m, "scale_by_keep"))
+        or (hasattr(m, "p") and getattr(m, "mode", None) in ("row", "batch")))
+
+
+# -- the families ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Family:
+    """One layout: ``check(block)`` says whether a block has it (None: no; ``SKIP``; ""
+    exact; else why it cannot be made exact), ``slots`` where each residual's gate sits
+    in forward order, ``forward(block, x, *args, **kwargs)`` the gated forward, and
+    ``rates(block, saved)`` the original drop-path module of each slot."""
+
+    name: str
+    slots: tuple
+    check: Callable
+    forward: Callable
+    sources: tuple = ()  # per slot, the original slot whose drop path it inherits
+
+
+def _children(m) -> set:
+    return {n for n, c in m._modules.items() if c is not None}
+
+
+def _has_layout(m, required, optional=()) -> bool:
+    names = _children(m)
+    return set(required) <= names and names <= set(required) | set(optional)
+
+
+# timm ResNet blocks with SE/ECA/attention, anti-aliasing, any activation (the plain ReLU
+# ones without extras go to the fused sdkernels.BasicBlock/Bottleneck instead).
+_TIMM_BASIC = ("conv1", "bn1", "drop_block", "act1", "aa", "conv2", "bn2", "se")
+_TIMM_BOTTLENECK = ("conv1", "bn1", "act1", "conv2", "bn2", "drop_block", "act2", "aa",
+                    "conv3", "bn3", "se")
+
+
+def _check_timm_resnet(m):
+    bottleneck = "conv3" in m._modules
+    branch = _TIMM_BOTTLENECK if bottleneck else _TIMM_BASIC
+    post = "act3" if bottleneck else "act2"
+    if not _has_layout(m, ("conv1", "bn1", "act1", "conv2", "bn2", post),
+                       set(branch) | {post, "downsample", "drop_path"}):
+        return None
+    db = _child(m, "drop_block")
+    if db is not None and float(getattr(db, "drop_prob", 0.0)) > 0:
+        return (f"an active drop_block ({type(db).__name__}, drop_prob={db.drop_prob}) "
+                "draws its own random mask; build the model with drop_block_rate=0")
+    return ""
+
+
+def _fwd_timm_resnet(block, x):
+    bottleneck = "conv3" in block._modules
+    names = _TIMM_BOTTLENECK if bottleneck else _TIMM_BASIC
+    g = _gate(block, "drop_path")
+    return g(x, decide(g, x), Residual(
+        _seq(block, names), _identity_or(_child(block, "downsample")),
+        block.act3 if bottleneck else block.act2, params=_params(block, names)))
+
+
+def _check_sk(m):
+    return "" if _has_layout(m, ("conv1", "conv2", "act"),
+                             ("conv3", "se", "downsample", "drop_path")) else None
+
+
+def _fwd_sk(block, x):
+    names = ("conv1", "conv2", "conv3", "se")
+    g = _gate(block, "drop_path")
+    return g(x, decide(g, x), Residual(
+        _seq(block, names), _identity_or(_child(block, "downsample")), block.act,
+        params=_params(block, names)))
+
+
+_PREACT = ("conv1", "norm2", "conv2", "norm3", "conv3")
+
+
+def _check_preact(m):
+    return "" if _has_layout(m, ("norm1", "conv1", "norm2", "conv2"),
+                             ("norm3", "conv3", "downsample", "drop_path")) else None
+
+
+def _fwd_preact(block, x):
+    # timm ResNetV2: the shortcut is x, or downsample(norm1(x)) when there is one
+    ds = _child(block, "downsample")
+    g = _gate(block, "drop_path")
+    return g(x, decide(g, x), Residual(
+        _seq(block, _PREACT), _identity_or(ds), None, pre=block.norm1,
+        pre_shortcut=ds is not None, params=_params(block, ("norm1",) + _PREACT)))
+
+
+_V2_BOTTLENECK = ("conv1", "norm1", "conv2", "norm2", "conv3", "norm3")
+
+
+def _check_v2_bottleneck(m):
+    return "" if _has_layout(m, _V2_BOTTLENECK + ("act3",), ("downsample", "drop_path")) else None
+
+
+def _fwd_v2_bottleneck(block, x):
+    g = _gate(block, "drop_path")
+    return g(x, decide(g, x), Residual(
+        _seq(block, _V2_BOTTLENECK), _identity_or(_child(block, "downsample")), block.act3,
+        params=_params(block, _V2_BOTTLENECK)))
+
+
+_REGNET = ("conv1", "conv2", "se", "conv3")
+
+
+def _check_regnet(m):
+    if not _has_layout(m, _REGNET + ("act3",), ("downsample", "drop_path")):
+        return None
+    # timm RegNet: "no shortcut if downsample is None" (an identity one is nn.Identity)
+    return SKIP if _child(m, "downsample") is None else ""
+
+
+def _fwd_regnet(block, x):
+    g = _gate(block, "drop_path")
+    return g(x, decide(g, x), Residual(
+        _seq(block, _REGNET), _identity_or(block.downsample), block.act3,
+        params=_params(block, _REGNET)))
+
+
+_REGNET_PRE = ("conv1", "norm2", "conv2", "se", "norm3", "conv3")
+
+
+def _check_regnet_pre(m):
+    if not _has_layout(m, ("norm1",) + _REGNET_PRE, ("downsample", "drop_path")):
+        return None
+    return SKIP if _child(m, "downsample") is None else ""
+
+
+def _fwd_regnet_pre(block, x):
+    # x = norm1(x) feeds both the branch and the shortcut
+    g = _gate(block, "drop_path")
+    return g(x, decide(g, x), Residual(
+        _seq(block, _REGNET_PRE), _identity_or(block.downsample), None, pre=block.norm1,
+        pre_shortcut=True, params=_params(block, ("norm1",) + _REGNET_PRE)))
+
+
+def _check_convnext(m):
+    if not _has_layout(m, ("conv_dw", "norm", "mlp", "shortcut"), ("drop_path",)):
+        return None
+    return "" if hasattr(m, "use_conv_mlp") and "gamma" in m._parameters | m.__dict__ else \
+        "ConvNeXt-like block without use_conv_mlp / gamma attributes"
+
+
+def _fwd_convnext(block, x):
+    def branch(h):
+        h = block.conv_dw(h)
+        if block.use_conv_mlp:
+            h = block.mlp(block.norm(h))
+        else:
+            h = block.mlp(block.norm(h.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        if block.gamma is not None:
+            h = h.mul(block.gamma.reshape(1, -1, 1, 1))
+        return h
+    g = _gate(block, "drop_path")
+    return g(x, decide(g, x), Residual(
+        branch, _identity_or(block.shortcut), None,
+        params=_params(block, ("conv_dw", "norm", "mlp"), ("gamma",))))
+
+
+# Transformer blocks: timm ViT/DeiT (ls1/ls2), BEiT/EVA (gamma_1/gamma_2), Swin (a
+# ``_attn`` method over windows, (B, H, W, C) input), torchvision Swin (one drop path
+# module for both residuals); pre-norm, or post-norm (attention registered before its
+# norm, or Swin V2's cosine attention with ``logit_scale``).
+
+# extra forward arguments that carry one row per sample (gathered in row mode), by the
+# number of dimensions they have then: attention masks [N, heads, L, S], ROPE [N, L, D]
+_ROW_ARGS = {"attn_mask": 4, "rope": 3}
+
+
+def _post_norm(m) -> bool:
+    order = list(m._modules)
+    attn = m._modules["attn"]
+    return order.index("attn") < order.index("norm1") or hasattr(attn, "logit_scale")
+
+
+def _layer_scales(m):
+    """The two residuals' layer scales: ls1/ls2 modules, gamma_1/gamma_2 parameters."""
+    out = []
+    for ls, gamma in (("ls1", "gamma_1"), ("ls2", "gamma_2")):
+        mod = _identity_or(_child(m, ls))
+        g = m._parameters.get(gamma) if hasattr(m, gamma) else None
+        out.append(mod if mod is not None else (None if g is None else g))
+    return out
+
+
+def _check_transformer(m, slots=("drop_path1", "drop_path2")):
+    if not _has_layout(m, ("norm1", "attn", "norm2", "mlp") + tuple(
+            s for s in slots if s in m._modules), ("ls1", "ls2") + tuple(slots)):
+        return None
+    if not set(slots) & set(m._modules):
+        return None
+    if _post_norm(m) and any(s is not None for s in _layer_scales(m)):
+        return "post-norm transformer block with layer scale: order of norm and scale unknown"
+    for n in ("gamma_1", "gamma_2"):  # a gamma that is neither a parameter nor None
+        if n in m.__dict__ and m.__dict__[n] is not None:
+            return f"{n} is not a parameter"
+    return ""
+
+
+def _check_tv_swin(m):
+    return _check_transformer(m, ("stochastic_depth",))
+
+
+@functools.lru_cache(maxsize=None)
+def _extra_names(cls) -> tuple:
+    """Names of ``cls.forward``'s arguments after x, to name positional extras."""
+    return tuple(list(inspect.signature(cls.forward).parameters)[2:])
+
+
+def _scaled(ls, t):
+    if ls is None:
+        return t
+    return ls(t) if isinstance(ls, nn.Module) else ls * t
+
+
+def _fwd_transformer(block, x, *args, slots=("drop_path1", "drop_path2"), **kwargs):
+    kw = dict(zip(_extra_names(block._sd_base), args))
+    kw.update(kwargs)
+    n = x.shape[0]
+    row = [k for k, v in kw.items() if isinstance(v, torch.Tensor)
+           and v.dim() == _ROW_ARGS.get(k) and v.shape[0] == n]
+    windows = hasattr(block, "_attn")  # timm Swin: window attention on (B, H, W, C)
+
+    def attn(h, *row_vals):
+        if windows:
+            return block._attn(h)
+        return block.attn(h, **{**kw, **dict(zip(row, row_vals))})
+
+    ls1, ls2 = _layer_scales(block)
+    if _post_norm(block):
+        f1 = lambda h, *r: block.norm1(attn(h, *r))  # noqa: E731
+        f2 = lambda h: block.norm2(block.mlp(h))  # noqa: E731
+    else:
+        f1 = lambda h, *r: _scaled(ls1, attn(block.norm1(h), *r))  # noqa: E731
+        f2 = lambda h: _scaled(ls2, block.mlp(block.norm2(h)))  # noqa: E731
+    shape = x.shape
+    g = _gate(block, slots[0])
+    x = g(x, decide(g, x), Residual(
+        f1, row_args=[kw[k] for k in row],
+        params=_params(block, ("norm1", "attn", "ls1"), ("gamma_1",))))
+    if windows and x.dim() == 4:
+        x = x.reshape(shape[0], -1, shape[-1])
+    g = _gate(block, slots[1])
+    x = g(x, decide(g, x), Residual(
+        f2, params=_params(block, ("norm2", "mlp", "ls2"), ("gamma_2",))))
+    return x.reshape(shape) if windows and len(shape) == 4 else x
+
+
+def _fwd_tv_swin(block, x):
+    return _fwd_transformer(block, x, slots=("stochastic_depth", "stochastic_depth2"))
+
+
+def _check_tv_vit(m):
+    if not _has_layout(m, ("ln_1", "self_attention", "dropout", "ln_2", "mlp")):
+        return None
+    if not isinstance(m.self_attention, nn.MultiheadAttention):
+        return "self_attention is not an nn.MultiheadAttention"
+    return ""
+
+
+def _fwd_tv_vit(block, x):
+    torch._assert(x.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {x.shape}")
+
+    def attn(h):
+        a = block.ln_1(h)
+        return block.dropout(block.self_attention(a, a, a, need_weights=False)[0])
+    g = _gate(block, "drop_path1")
+    x = g(x, decide(g, x), Residual(
+        attn, params=_params(block, ("ln_1", "self_attention"))))
+    g = _gate(block, "drop_path2")
+    return g(x, decide(g, x), Residual(
+        lambda h: block.mlp(block.ln_2(h)), params=_params(block, ("ln_2", "mlp"))))
+
+
+# EfficientNet / MobileNet blocks (timm): a residual only where has_skip is set
+_IR = ("conv_s2d", "bn_s2d", "conv_pw", "bn1", "conv_dw", "bn2", "aa", "se", "conv_pwl", "bn3")
+_DS = ("conv_s2d", "bn_s2d", "conv_dw", "bn1", "aa", "se", "conv_pw", "bn2")
+_EDGE = ("conv_exp", "bn1", "aa", "se", "conv_pwl", "bn2")
+_CBA = ("conv", "bn1", "aa")
+
+
+def _check_skip_block(required, names):
+    def check(m):
+        if "drop_path" not in m._modules or not _has_layout(
+                m, required, set(names) | {"drop_path"}):
+            return None
+        if not hasattr(m, "has_skip"):
+            return "no has_skip attribute"
+        return "" if m.has_skip else SKIP
+    return check
+
+
+def _fwd_skip_block(names):
+    def forward(block, x):
+        g = _gate(block, "drop_path")
+        return g(x, decide(g, x), Residual(_seq(block, names), params=_params(block, names)))
+    return forward
+
+
+def _check_tv_block(m):
+    if _children(m) != {"block", "stochastic_depth"}:
+        return None
+    if "layer_scale" in m._parameters:
+        return ""
+    if not hasattr(m, "use_res_connect"):
+        return "no use_res_connect attribute"
+    return "" if m.use_res_connect else SKIP
+
+
+def _fwd_tv_block(block, x):
+    # torchvision CNBlock (layer_scale * block(x)) and MBConv / FusedMBConv (block(x))
+    ls = block._parameters.get("layer_scale")
+    branch = block.block if ls is None else (lambda h: ls * block.block(h))
+    g = _gate(block, "stochastic_depth")
+    return g(x, decide(g, x), Residual(
+        branch, params=_params(block, ("block",), ("layer_scale",))))
+
+
+def _check_tv_regnet(m):
+    return "" if _has_layout(m, ("f", "activation"), ("proj",)) else None
+
+
+def _fwd_tv_regnet(block, x):
+    g = _gate(block, "drop_path")
+    return g(x, decide(g, x), Residual(
+        block.f, _identity_or(_child(block, "proj")), block.activation,
+        params=_params(block, ("f",))))
+
+
+FAMILIES = (
+    Family("timm ResNet block (SE/attention/anti-aliasing)", ("drop_path",),
+           _check_timm_resnet, _fwd_timm_resnet),
+    Family("timm SelectiveKernel block", ("drop_path",), _check_sk, _fwd_sk),
+    Family("timm ResNetV2 pre-activation block", ("drop_path",), _check_preact, _fwd_preact),
+    Family("timm ResNetV2 bottleneck", ("drop_path",), _check_v2_bottleneck,
+           _fwd_v2_bottleneck),
+    Family("timm RegNet block", ("drop_path",), _check_regnet, _fwd_regnet),
+    Family("timm RegNet pre-activation block", ("drop_path",), _check_regnet_pre,
+           _fwd_regnet_pre),
+    Family("timm ConvNeXt block", ("drop_path",), _check_convnext, _fwd_convnext),
+    Family("transformer block (timm ViT/DeiT/BEiT/EVA/Swin)", ("drop_path1", "drop_path2"),
+           _check_transformer, _fwd_transformer),
+    Family("torchvision Swin block", ("stochastic_depth", "stochastic_depth2"),
+           _check_tv_swin, _fwd_tv_swin, sources=("stochastic_depth", "stochastic_depth")),
+    Family("torchvision ViT encoder block", ("drop_path1", "drop_path2"), _check_tv_vit,
+           _fwd_tv_vit),
+    Family("timm inverted residual", ("drop_path",),
+           _check_skip_block(("conv_pw", "bn1", "conv_dw", "bn2", "conv_pwl", "bn3"), _IR),
+           _fwd_skip_block(_IR)),
+    Family("timm depthwise-separable block", ("drop_path",),
+           _check_skip_block(("conv_dw", "bn1", "conv_pw", "bn2"), _DS), _fwd_skip_block(_DS)),
+    Family("timm edge residual", ("drop_path",),
+           _check_skip_block(("conv_exp", "bn1", "conv_pwl", "bn2"), _EDGE),
+           _fwd_skip_block(_EDGE)),
+    Family("timm ConvBnAct", ("drop_path",), _check_skip_block(("conv", "bn1"), _CBA),
+           _fwd_skip_block(_CBA)),
+    Family("torchvision ConvNeXt / EfficientNet block", ("stochastic_depth",),
+           _check_tv_block, _fwd_tv_block),
+    Family("torchvision RegNet block", ("drop_path",), _check_tv_regnet, _fwd_tv_regnet),
+)
+_BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def looks_residual(m: nn.Module) -> bool:
+    """Whether ``m`` carries a drop path (a timm ``DropPath``, a torchvision
+    ``StochasticDepth``, or a child slot named like one): a residual block that must
+    convert exactly or be refused."""
+    return isinstance(m, GatedBlock) or any(
+        _is_drop_path(c) or n.startswith(("drop_path", "stochastic_depth"))
+        for n, c in m._modules.items())
+
+
+def recognise(m: nn.Module):
+    """(family, "") for a block of a known family; (family, SKIP) for one that has no
+    residual in this instance; (None, why) for a residual-looking block that no family
+    reproduces exactly; (None, None) for anything else."""
+    reasons = []
+    for fam in FAMILIES:
+        verdict = fam.check(m)
+        if verdict is None:
+            continue
+        if verdict in ("", SKIP):
+            return fam, verdict
+        reasons.append(f"{fam.name}: {verdict}")
+    if reasons:
+        return None, "; ".join(reasons)
+    if looks_residual(m):
+        return None, (f"children {list(_children(m))} match no known residual-block "
+                      "layout (see sdkernels.families)")
+    return None, None
+
+
+# -- the class swap ---------------------------------------------------------------------
+
+class GatedBlock:
+    """Mixin of converted blocks: ``forward`` runs the family's gated forward; the rest
+    of the class is the block's own."""
+
+    def forward(self, *args, **kwargs):
+        return _BY_NAME[self._sd_family].forward(self, *args, **kwargs)
+
+    def sd_gates(self) -> list:
+        """The gates of this block's residuals, in forward order."""
+        return [self._modules[s] for s in _BY_NAME[self._sd_family].slots]
+
+    def sd_original_drop_paths(self) -> list:
+        """Per gate, the drop-path module it replaced (None where there was none)."""
+        fam = _BY_NAME[self._sd_family]
+        return [self._sd_saved.get(src) for src in (fam.sources or fam.slots)]
+
+    def __reduce_ex__(self, protocol):
+        # the generated class is not importable; pickle and deepcopy rebuild it from the
+        # original class
+        return _new_gated, (self._sd_base,), self.__dict__.copy()
+
+
+_CLASSES: dict = {}
+
+
+def _gated_class(base: type) -> type:
+    cls = _CLASSES.get(base)
+    if cls is None:
+        cls = type(f"Gated{base.__name__}", (GatedBlock, base), {
+            "__module__": __name__, "__qualname__": f"Gated{base.__qualname__}"})
+        _CLASSES[base] = cls
+    return cls
+
+
+def _new_gated(base):
+    cls = _gated_class(base)
+    return cls.__new__(cls)
+
+
+def to_gated(block: nn.Module, family: Family) -> nn.Module:
+    """Convert ``block`` of ``family`` in place; its gates start at survival 1. Each
+    gate takes its drop path's place in the registration order (new slots go last)."""
+    mods = block._modules
+    saved = {s: mods[s] for s in family.slots if s in mods}
+    # timm keeps an absent drop path as a plain None attribute
+    attrs = {s: block.__dict__.pop(s) for s in family.slots if s in block.__dict__}
+    block._sd_order = list(mods)
+    gates = {s: ResidualGate() for s in family.slots}
+    items = [(n, gates.pop(n) if n in gates else m) for n, m in mods.items()]
+    mods.clear()
+    mods.update(items + list(gates.items()))
+    block._sd_base = type(block)
+    block._sd_family = family.name
+    block._sd_saved = saved
+    block._sd_attrs = attrs
+    block.__class__ = _gated_class(block._sd_base)
+    return block
+
+
+def revert_block(block: GatedBlock) -> nn.Module:
+    """Undo :func:`to_gated` in place: the original class and drop-path modules."""
+    mods = dict(block._modules)
+    mods.update(block._sd_saved)
+    block._modules.clear()
+    block._modules.update((n, mods[n]) for n in block._sd_order if n in mods)
+    block.__dict__.update(block._sd_attrs)
+    block.__class__ = block._sd_base
+    for a in ("_sd_base", "_sd_family", "_sd_saved", "_sd_attrs", "_sd_order"):
+        block.__dict__.pop(a, None)
+    return block
+
+
+def drop_path_rate(m) -> tuple[float, Optional[str], bool]:
+    """(drop rate, mode or None, scale_by_keep) of an original drop-path module."""
+    return _rate_of(m)

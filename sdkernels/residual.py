@@ -1,0 +1,373 @@
+"""The stochastic-depth rule around one residual, for any residual branch (design §2).
+
+:class:`GatedResidual` holds what a gated residual keeps between calls (survival
+probability, mode, scaling, generator, last gate) and applies the rule to a
+:class:`Residual`, the description of one call: ``out = post(shortcut(x) + s * f(x))``.
+
+* training, ``mode="batch"``: one gate per forward; a dropped residual runs its shortcut
+  (and ``post``) only: nothing of the branch runs, no autograd node is made for it.
+* training, ``mode="row"``: one gate per sample; the branch runs on the surviving rows
+  only (gathered with ``index_select``) and its output is added into theirs with
+  ``index_add``. A BatchNorm inside the branch therefore normalises with the survivors'
+  statistics; LayerNorm and GroupNorm are per sample and give exactly what a full batch
+  gives on those rows.
+* eval: ``post(shortcut(x) + p * f(x))`` for ``scaling="test"`` (the paper),
+  ``post(shortcut(x) + f(x))`` for ``scaling="train"`` (torchvision/timm, whose training
+  scale is 1/p).
+
+The row result is written into a new tensor, never into ``x``: the block's input may
+still be needed as it is by its caller (timm's ``forward_intermediates`` keeps block
+outputs, activation checkpointing recomputes from them), and an in-place add would
+change it silently. The one copy of ``x`` this costs is what ``x + f`` costs in any
+residual network.
+
+:class:`StochasticDepth` is the public wrapper (a branch module, a shortcut, an
+activation). The drop-in ResNet blocks (``sdkernels.blocks``) are the special case whose
+branch is Conv-BN-ReLU-Conv-BN and whose active path is fused; converted transformer and
+ConvNeXt blocks (``sdkernels.families``) hold one :class:`ResidualGate` per residual.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .gates import GateGenerator, default_generator, recomputing, survivors
+from .ops import reference
+from .schedule import check_prob
+
+__all__ = ["GatedResidual", "Residual", "decide", "StochasticDepth", "ResidualGate", "MODES",
+           "SCALINGS", "DROPPED_GRADS", "DROP_IMPLS"]
+
+MODES = ("batch", "row")
+SCALINGS = ("test", "train")
+DROPPED_GRADS = ("auto", "zeros", "none")
+DROP_IMPLS = ("skip", "mask")
+
+
+def _choice(value, allowed, what):
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}: expected one of {allowed}")
+    return value
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-drawn gate tensor on ``device``: a host->device copy, never a sync."""
+    if device.type == "cpu":
+        return t
+    # From pinned memory a non_blocking copy neither blocks the host nor waits for the
+    # stream (from pageable memory CUDA would). Pinning needs a real CUDA runtime: a dry
+    # run on fake tensors has none, and only records the copy. empty + copy_ rather than
+    # .to(): a CPU-only torch refuses .to("cuda") even for fake tensors.
+    if device.type == "cuda" and torch.cuda.is_available():
+        t = t.pin_memory()
+    return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t, non_blocking=True)
+
+
+class _ZeroGradTie(torch.autograd.Function):
+    """Identity on ``out`` that gives each of ``params`` a zero gradient.
+
+    DDP with its defaults (no ``find_unused_parameters``) waits for a gradient of every
+    parameter; a dropped residual's parameters would never get one. Tying them to the
+    output costs one small zeros tensor per parameter in backward, no compute.
+    """
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.meta = [(p.shape, p.dtype, p.device) for p in params]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta])
+
+
+def decide(gate: "GatedResidual", x: torch.Tensor):
+    """``gate``'s decision for this forward (None in eval): call it at the call site,
+    ``gate(x, decide(gate, x), residual)``, so that under torch.compile the graph break
+    of the draw resumes in the caller's own frame (see :meth:`GatedResidual.draw`)."""
+    return gate.draw(x) if gate.training else None
+
+
+class Residual:
+    """One residual call: ``post(shortcut(h_s) + s * branch(h, *row_args))``.
+
+    * ``branch``: the residual branch f, called on ``h = pre(x)`` (or x);
+    * ``shortcut``: a callable, or None for the identity;
+    * ``post``: the activation after the add, or None (pre-activation and transformer
+      blocks add only);
+    * ``pre``: an optional first step shared by the branch and, when ``pre_shortcut``,
+      the shortcut (``h_s = pre(x)``, else ``h_s = x``): ResNetV2's pre-activation;
+    * ``params``: a callable giving the parameters the branch (and ``pre``) uses, for
+      DDP's zero gradients;
+    * ``row_args``: extra per-sample tensors of the branch (an attention mask of shape
+      [N, ...]); row mode gathers their survivors' rows with the input's.
+    """
+
+    __slots__ = ("branch", "shortcut", "post", "pre", "pre_shortcut", "params", "row_args")
+
+    def __init__(self, branch: Callable, shortcut: Optional[Callable] = None,
+                 post: Optional[Callable] = None, *, pre: Optional[Callable] = None,
+                 pre_shortcut: bool = False,
+                 params: Callable[[], Iterable[torch.Tensor]] = tuple, row_args=()):
+        self.branch, self.shortcut, self.post = branch, shortcut, post
+        self.pre, self.pre_shortcut = pre, pre_shortcut
+        self.params, self.row_args = params, tuple(row_args)
+
+    def inputs(self, x):
+        """(branch input, shortcut output) on all rows of x."""
+        h = x if self.pre is None else self.pre(x)
+        hs = h if self.pre_shortcut else x
+        return h, (hs if self.shortcut is None else self.shortcut(hs))
+
+    def combine(self, sc, f, s: Optional[float]):
+        # s None: exactly `x + f` as the block it replaces writes it. A multiply, not
+        # torch.add's alpha: under torch.compile a Python float passed as alpha is
+        # specialised (one compile per distinct p), one multiplied in is a graph input.
+        out = sc + (f if s is None else f * s)
+        return out if self.post is None else self.post(out)
+
+
+def _post_of_input(post, out, x):
+    """post(out) where out may be the residual's input itself: an in-place activation
+    (timm's ReLU(inplace=True)) must not write into the caller's tensor."""
+    if out is x and getattr(post, "inplace", False):
+        out = out.clone()
+    return post(out)
+
+
+class GatedResidual(nn.Module):
+    """Gate state and the stochastic-depth rule of one or more residual calls.
+
+    Subclasses call :meth:`gated` with a :class:`Residual`; the ResNet blocks override
+    ``_active``/``_active_rows``/``_dropped`` with their fused paths.
+    """
+
+    def _init_gate(self, survival_prob=1.0, mode="batch", scaling="test",
+                   gate_generator=None, dropped_grads="auto", drop_impl="skip"):
+        self.survival_prob = survival_prob
+        self.mode = mode
+        self.scaling = scaling
+        self.gate_generator = gate_generator
+        self.dropped_grads = dropped_grads
+        self.drop_impl = drop_impl
+        self.last_gate = None
+        self._gate_key = None  # position in the generator's step draw (GateGenerator.bind)
+
+    def __setstate__(self, state):
+        # whole-model pickles from before per-step gates
+        super().__setstate__(state)
+        self.__dict__.setdefault("_gate_key", None)
+
+    # -- settable, validated attributes (users inspect and anneal them) ---------------
+    @property
+    def survival_prob(self) -> float:
+        return self._survival_prob
+
+    @survival_prob.setter
+    def survival_prob(self, p):
+        self._survival_prob = check_prob(p)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value):
+        self._mode = _choice(value, MODES, "mode")
+
+    @property
+    def scaling(self) -> str:
+        return self._scaling
+
+    @scaling.setter
+    def scaling(self, value):
+        self._scaling = _choice(value, SCALINGS, "scaling")
+
+    @property
+    def dropped_grads(self) -> str:
+        return self._dropped_grads
+
+    @dropped_grads.setter
+    def dropped_grads(self, value):
+        self._dropped_grads = _choice(value, DROPPED_GRADS, "dropped_grads")
+
+    @property
+    def drop_impl(self) -> str:
+        return self._drop_impl
+
+    @drop_impl.setter
+    def drop_impl(self, value):
+        self._drop_impl = _choice(value, DROP_IMPLS, "drop_impl")
+
+    @property
+    def gate_generator(self) -> GateGenerator | None:
+        return self._gate_generator
+
+    @gate_generator.setter
+    def gate_generator(self, g):
+        if g is not None and not isinstance(g, GateGenerator):
+            raise TypeError(f"gate_generator must be a sdkernels GateGenerator, got {type(g)}")
+        self._gate_generator = g
+
+    def extra_repr(self) -> str:
+        return (f"survival_prob={self.survival_prob:.4g}, mode={self.mode!r}, "
+                f"scaling={self.scaling!r}")
+
+    def _generator(self) -> GateGenerator:
+        return self._gate_generator or default_generator()
+
+    def _want_zero_grads(self) -> bool:
+        if self._dropped_grads == "zeros":
+            return True
+        if self._dropped_grads == "none":
+            return False
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _tie_zero_grads(self, out, params: Callable[[], Iterable[torch.Tensor]]):
+        if torch.is_grad_enabled() and self._want_zero_grads():
+            ps = [p for p in params() if p.requires_grad]
+            if ps:
+                out = _ZeroGradTie.apply(out, *ps)
+        return out
+
+    # -- the rule ---------------------------------------------------------------------
+    @torch.compiler.disable  # host work (one graph break per residual under compile)
+    def draw(self, x: torch.Tensor) -> tuple:
+        """This training forward's decision: ``(path, s, t)`` with path "active",
+        "dropped", "rows" (t: the survivors' indices, a CPU tensor) or "mask" (t: the
+        CPU keep mask of the naive implementation), and s the training scale (None for
+        ``scaling="test"``: 1, and no multiply).
+
+        Everything that differs between residuals (generator key, p, s, survivors) is
+        decided here, on the host side of the graph break: under torch.compile a module
+        attribute read after the break would be a guard that compiles the code after it
+        once per residual. Callers call :func:`decide` at their own call site, so each call site resumes in its own compiled frame (design §2).
+        """
+        p = self._survival_prob
+        rows = None if self._mode == "batch" else x.shape[0]
+        key = self._gate_key if self._gate_key is not None else ("residual", id(self))
+        # design §2: the whole step's gates come from one draw, and a recomputation
+        # (activation checkpointing) gets this residual's gate of the forward again
+        g = self._generator().gate(key, p, rows)
+        if not recomputing():
+            self.last_gate = g
+        s = None if self._scaling == "test" else 1.0 / p  # None: no multiply at all
+        if self._drop_impl == "mask":
+            return "mask", s, (torch.full((1,), g) if rows is None else g)
+        if rows is None:
+            return ("active" if g else "dropped"), s, None
+        n, idx = survivors(g)
+        if n == 0 or n == rows:
+            return ("dropped" if n == 0 else "active"), s, None
+        # a new survivor count reuses the compiled graph instead of compiling one per count
+        torch._dynamo.decorators.mark_unbacked(idx, 0)
+        return "rows", s, idx
+
+    def gated(self, x: torch.Tensor, r: Residual, decision: tuple | None = None):
+        """Apply the stochastic-depth rule (module docstring) to the residual ``r``;
+        ``decision`` from :func:`decide` (drawn here when None in training)."""
+        if not self.training:
+            return self._active(x, r, self._survival_prob if self._scaling == "test" else None)
+        path, s, t = self.draw(x) if decision is None else decision
+        if path == "active":
+            return self._active(x, r, s)
+        if path == "dropped":
+            return self._dropped(x, r)
+        t = _to_device(t, x.device)
+        if path == "mask":
+            return self._mask_forward(x, r, t, s)
+        return self._active_rows(x, r, t, s)
+
+    def _active(self, x, r: Residual, s: Optional[float]):
+        h, sc = r.inputs(x)
+        return r.combine(sc, r.branch(h, *r.row_args), s)
+
+    def _dropped(self, x, r: Residual):
+        hs = r.pre(x) if r.pre is not None and r.pre_shortcut else x
+        out = hs if r.shortcut is None else r.shortcut(hs)
+        if r.post is not None:
+            out = _post_of_input(r.post, out, x)
+        return self._tie_zero_grads(out, r.params)
+
+    def _active_rows(self, x, r: Residual, idx: torch.Tensor, s: Optional[float]):
+        # idx: the survivors' rows, known on the host without a device sync (design §2)
+        if r.pre is not None and r.pre_shortcut:
+            h, sc = r.inputs(x)
+            hk = h.index_select(0, idx)
+        else:
+            sc = x if r.shortcut is None else r.shortcut(x)
+            xk = x.index_select(0, idx)
+            hk = xk if r.pre is None else r.pre(xk)
+        f = r.branch(hk, *[a.index_select(0, idx) for a in r.row_args])
+        if s is not None:
+            f = f * s
+        dt = torch.promote_types(sc.dtype, f.dtype)
+        out = sc.to(dt).index_add(0, idx, f.to(dt))
+        return out if r.post is None else r.post(out)
+
+    def _mask_forward(self, x, r: Residual, keep: torch.Tensor, s: Optional[float]):
+        # torchvision / timm: compute everything, then multiply by the mask.
+        h, sc = r.inputs(x)
+        f = reference.mask_multiply(r.branch(h, *r.row_args), keep, 1.0 if s is None else s)
+        return r.combine(sc, f, None)
+
+
+class StochasticDepth(GatedResidual):
+    """Real stochastic depth around any residual branch:
+    ``activation(shortcut(x) + s * branch(x))``.
+
+    ``branch``: the residual branch module; ``shortcut``: a module or None (identity);
+    ``activation``: applied after the add, or None (pre-activation ResNets and
+    transformer blocks add only). Dropped residuals (batch mode) and dropped rows (row
+    mode) run the shortcut only; see :mod:`sdkernels.residual` for the rule::
+
+        block = sdkernels.StochasticDepth(nn.Sequential(norm, attn), survival_prob=0.9,
+                                          mode="row", scaling="train")
+    """
+
+    def __init__(self, branch: nn.Module, shortcut: nn.Module | None = None,
+                 activation: nn.Module | None = None, *, survival_prob: float = 1.0,
+                 mode: str = "batch", scaling: str = "test",
+                 gate_generator: GateGenerator | None = None, dropped_grads: str = "auto",
+                 drop_impl: str = "skip"):
+        super().__init__()
+        for what, m in (("branch", branch), ("shortcut", shortcut),
+                        ("activation", activation)):
+            if m is not None and not callable(m):
+                raise TypeError(f"StochasticDepth: {what} must be a module or callable, "
+                                f"got {type(m).__name__}")
+        if branch is None:
+            raise TypeError("StochasticDepth: branch is required")
+        self.branch = branch
+        self.shortcut = shortcut
+        self.activation = activation
+        self._init_gate(survival_prob, mode, scaling, gate_generator, dropped_grads, drop_impl)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sc = self.shortcut
+        return self.gated(x, Residual(
+            self.branch, None if isinstance(sc, nn.Identity) else sc, self.activation,
+            params=self.branch.parameters if isinstance(self.branch, nn.Module) else tuple),
+            decide(self, x))
+
+
+class ResidualGate(GatedResidual):
+    """The gate of one residual inside a converted block (``sdkernels.families``).
+
+    It sits where the block's drop path sat (``drop_path1``, ``stochastic_depth``...),
+    has no parameters (the state_dict keeps its keys) and is called by the block's
+    forward as ``gate(x, decide(gate, x), Residual(...))``.
+    """
+
+    def __init__(self, survival_prob: float = 1.0, mode: str = "batch",
+                 scaling: str = "test", gate_generator: GateGenerator | None = None,
+                 dropped_grads: str = "auto", drop_impl: str = "skip"):
+        super().__init__()
+        self._init_gate(survival_prob, mode, scaling, gate_generator, dropped_grads, drop_impl)
+
+    def forward(self, x: torch.Tensor, decision: tuple | None,
+                residual: Residual) -> torch.Tensor:
+        return self.gated(x, residual, decision)
