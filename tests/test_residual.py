@@ -1,0 +1,321 @@
+"""The generic stochastic-depth rule (``sdkernels.residual``): the public
+``StochasticDepth`` wrapper and the ``ResidualGate`` of converted blocks, on plain
+PyTorch modules (no third-party package, CPU).
+
+Each check is one test body; gates are forced with generators whose draws are known, so
+every expected output is computed independently from the modules themselves.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sdkernels
+from sdkernels.gates import FixedGates, GateGenerator
+from sdkernels.residual import Residual, ResidualGate, StochasticDepth, decide
+
+DT = torch.float64
+
+
+class RowPattern(GateGenerator):
+    """Row gates from a fixed pattern (batch gates: the pattern's first entry)."""
+
+    def __init__(self, pattern):
+        super().__init__(seed=0)
+        self.pattern = torch.tensor(pattern, dtype=torch.bool)
+
+    def batch(self, p):
+        return bool(self.pattern[0])
+
+    def rows(self, p, n):
+        assert n == len(self.pattern), f"asked for {n} rows, pattern has {len(self.pattern)}"
+        return self.pattern.clone()
+
+
+class Counted(nn.Module):
+    """A per-sample branch (LayerNorm + Linear + GELU + Linear) that records the batch
+    size of every call."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def _wrapper(gen, *, p=0.8, mode="batch", scaling="test", shortcut=None, activation=None,
+             dropped_grads="none", drop_impl="skip"):
+    torch.manual_seed(0)
+    return StochasticDepth(Counted(), shortcut, activation, survival_prob=p, mode=mode,
+                           scaling=scaling, gate_generator=gen, dropped_grads=dropped_grads,
+                           drop_impl=drop_impl).to(DT)
+
+
+def _x(n=5, dim=6, seed=1):
+    return torch.randn(n, dim, dtype=DT, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("scaling, s", [("test", 1.0), ("train", 1 / 0.8)])
+@pytest.mark.parametrize("activation", [None, nn.ReLU()])
+def test_batch_mode_active_and_dropped(scaling, s, activation):
+    sc = nn.Linear(6, 6).to(DT)
+    m = _wrapper(FixedGates(True), scaling=scaling, shortcut=sc, activation=activation)
+    x = _x()
+    act = activation or (lambda t: t)
+    with torch.no_grad():
+        expect = act(sc(x) + s * m.branch(x))
+    torch.testing.assert_close(m(x), expect, rtol=1e-12, atol=0)
+    m.gate_generator = FixedGates(False)
+    m.branch.calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), act(sc(x)), rtol=0, atol=0)
+    assert m.branch.calls == [], "a dropped residual ran its branch"
+    assert m.last_gate is False
+
+
+@pytest.mark.parametrize("scaling, s", [("test", 0.8), ("train", 1.0)])
+def test_eval_rule(scaling, s):
+    m = _wrapper(FixedGates(False), scaling=scaling).eval()
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), x + s * m.branch(x), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("scaling, s", [("test", 1.0), ("train", 1 / 0.8)])
+def test_row_mode_runs_the_branch_on_survivors_only(scaling, s):
+    keep = [True, False, True, True, False]
+    m = _wrapper(RowPattern(keep), mode="row", scaling=scaling)
+    x = _x()
+    out = m(x)
+    assert m.branch.calls == [3], "the branch must see the 3 surviving rows only"
+    with torch.no_grad():
+        full = m.branch(x)  # per-sample branch: its rows equal the gathered computation
+    k = torch.tensor(keep)
+    torch.testing.assert_close(out[k], x[k] + s * full[k], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(out[~k], x[~k], rtol=0, atol=0)
+    assert torch.equal(m.last_gate, k)
+
+
+def test_row_mode_gradients_match_a_masked_reference():
+    keep = [False, True, True, False, True]
+    m = _wrapper(RowPattern(keep), mode="row", scaling="train")
+    ref = copy.deepcopy(m)
+    x1, x2 = _x().requires_grad_(), _x().requires_grad_()
+    m(x1).square().sum().backward()
+    mask = torch.tensor(keep, dtype=DT)[:, None] / 0.8
+    (x2 + mask * ref.branch(x2)).square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-14)
+    for (name, a), b in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_row_mode_gradcheck():
+    m = _wrapper(RowPattern([True, False, True]), mode="row", scaling="train",
+                 shortcut=nn.Linear(6, 6).to(DT), activation=nn.Tanh())
+    x = _x(3).requires_grad_()
+    assert torch.autograd.gradcheck(m, (x,))
+
+
+def test_row_mode_batchnorm_sees_survivor_statistics():
+    keep = [True, True, False, True, False, True]
+    torch.manual_seed(0)
+    branch = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).to(DT)
+    m = StochasticDepth(branch, activation=nn.ReLU(), mode="row",
+                        gate_generator=RowPattern(keep)).to(DT)
+    ref = copy.deepcopy(branch)
+    x = torch.rand(6, 4, 5, 5, dtype=DT)
+    out = m(x)
+    k = torch.tensor(keep)
+    torch.testing.assert_close(out[k], torch.relu(x[k] + ref(x[k])), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(branch[1].running_mean, ref[1].running_mean, rtol=0, atol=0)
+
+
+def test_no_survivors_and_all_survivors():
+    m = _wrapper(RowPattern([False] * 4), mode="row")
+    x = _x(4)
+    assert torch.equal(m(x), x) and m.branch.calls == []
+    m.gate_generator = RowPattern([True] * 4)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), x + m.branch(x), rtol=0, atol=0)
+
+
+def test_empty_batch():
+    for mode in ("batch", "row"):
+        m = _wrapper(GateGenerator(0), mode=mode)
+        assert m(_x(0)).shape == (0, 6)
+
+
+def test_inplace_activation_never_writes_into_the_input():
+    m = _wrapper(FixedGates(False), activation=nn.ReLU(inplace=True))
+    x = _x()
+    before = x.clone()
+    out = m(x)
+    assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(out, torch.relu(before), rtol=0, atol=0)
+
+
+def test_pre_step_feeds_branch_and_optionally_shortcut():
+    """ResNetV2-style: h = pre(x); the shortcut takes h when ``pre_shortcut``."""
+    torch.manual_seed(0)
+    pre, f, ds = (nn.Linear(6, 6).to(DT) for _ in range(3))
+    x = _x()
+    for pre_shortcut, keep in ((True, [True, False, True, True, False]),
+                               (False, [False, True, True, True, False])):
+        gate = ResidualGate(0.7, mode="row", gate_generator=RowPattern(keep)).to(DT)
+        r = Residual(f, ds if pre_shortcut else None, None, pre=pre, pre_shortcut=pre_shortcut)
+        out = gate(x, decide(gate, x), r)
+        with torch.no_grad():
+            h = pre(x)
+            sc = ds(h) if pre_shortcut else x
+            expect = torch.where(torch.tensor(keep)[:, None], sc + f(h), sc)
+        torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-14)
+
+
+def test_row_args_are_gathered_with_the_rows():
+    keep = [True, False, True, False]
+    gate = ResidualGate(0.5, mode="row", gate_generator=RowPattern(keep))
+    x = _x(4)
+    mask = torch.arange(4, dtype=DT)[:, None].expand(4, 6)
+    out = gate(x, decide(gate, x), Residual(lambda h, m: h * 0 + m, row_args=[mask]))
+    k = torch.tensor(keep)
+    torch.testing.assert_close(out[k], x[k] + mask[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_mask_impl_computes_everything_and_matches(mode):
+    keep = [True, False, True, True, False]
+    gen = RowPattern(keep)
+    skip = _wrapper(gen, mode=mode, scaling="train")
+    mask = _wrapper(RowPattern(keep), mode=mode, scaling="train", drop_impl="mask")
+    x = _x()
+    torch.testing.assert_close(mask(x), skip(x), rtol=1e-12, atol=1e-15)
+    assert mask.branch.calls == [5], "the naive implementation computes every row"
+
+
+@pytest.mark.parametrize("dropped_grads, expect_zeros", [("zeros", True), ("none", False)])
+def test_dropped_residual_gradients(dropped_grads, expect_zeros):
+    m = _wrapper(FixedGates(False), dropped_grads=dropped_grads)
+    x = _x().requires_grad_()
+    m(x).sum().backward()
+    for name, p in m.branch.named_parameters():
+        if expect_zeros:
+            assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
+        else:
+            assert p.grad is None, name
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_activation_checkpointing_replays_the_forward_gates(mode, reentrant):
+    torch.manual_seed(0)
+    layers = [StochasticDepth(Counted(), survival_prob=0.5, mode=mode) for _ in range(6)]
+    net = nn.Sequential(*layers).to(DT)
+    gen = GateGenerator(4)  # its first step drops residuals (batch) and rows (row mode)
+    gen.bind(layers)
+    for m in layers:
+        m.gate_generator = gen
+    twin = copy.deepcopy(net)
+    x = _x(8).requires_grad_()
+    net(x).square().sum().backward()
+    torch.utils.checkpoint.checkpoint_sequential(twin, 3, x, use_reentrant=reentrant) \
+        .square().sum().backward()
+    gates = [(g.tolist() if isinstance(g, torch.Tensor) else g) for g in
+             sdkernels.gates.gate_record(net)]
+    assert gates == [(g.tolist() if isinstance(g, torch.Tensor) else g) for g in
+                     sdkernels.gates.gate_record(twin)]
+    assert any(g is False or (isinstance(g, list) and not all(g)) for g in gates)
+    for (name, a), b in zip(net.named_parameters(), twin.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_deepcopy_and_pickle():
+    m = _wrapper(GateGenerator(5), mode="row")
+    x = _x()
+    twin = copy.deepcopy(m)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    a, b, c = m(x), twin(x), loaded(x)
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    torch.testing.assert_close(c, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"branch": None}, TypeError, "branch is required"),
+    ({"branch": 3}, TypeError, "branch must be"),
+    ({"shortcut": "identity"}, TypeError, "shortcut must be"),
+    ({"survival_prob": 0.0}, ValueError, r"\(0, 1\]"),
+    ({"survival_prob": 1.5}, ValueError, r"\(0, 1\]"),
+    ({"survival_prob": "0.5"}, TypeError, "real number"),
+    ({"mode": "rows"}, ValueError, "mode"),
+    ({"scaling": "inverted"}, ValueError, "scaling"),
+    ({"gate_generator": torch.Generator()}, TypeError, "GateGenerator"),
+    ({"dropped_grads": "zero"}, ValueError, "dropped_grads"),
+])
+def test_bad_arguments_are_clear_errors(kwargs, error, match):
+    args = {"branch": nn.Linear(2, 2)}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        StochasticDepth(**args)
+
+
+def test_resnet_blocks_are_the_special_case():
+    """The drop-in ResNet blocks run the same rule (batch/row, eval scale)."""
+    from sdkernels.residual import GatedResidual
+    b = sdkernels.BasicBlock(4, 4, survival_prob=0.5, mode="row", gate_generator=RowPattern(
+        [True, False, True]))
+    assert isinstance(b, GatedResidual)
+    x = torch.rand(3, 4, 6, 6)
+    out = b(x)
+    assert torch.equal(out[1], x[1])
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile")
+def test_compiled_row_mode_gates_live_and_recompiles_bounded():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    layers = [StochasticDepth(Counted(8), survival_prob=0.6, mode="row", scaling="train")
+              for _ in range(6)]
+    net = nn.Sequential(*layers)
+    gen = GateGenerator(11)
+    gen.bind(layers)
+    for m in layers:
+        m.gate_generator = gen
+    eager = copy.deepcopy(net)
+    compiled = torch.compile(net, backend="aot_eager")
+    seen = set()
+
+    def step(i):
+        x = _x(8, 8, seed=100 + i).float()
+        a, b = compiled(x), eager(x)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        rows = tuple(int(m.last_gate.sum()) for m in layers)
+        assert rows == tuple(int(m.last_gate.sum()) for m in eager)
+        seen.add(rows)
+
+    try:
+        for i in range(12):  # warm-up: every path (all / none / some rows) appears
+            step(i)
+        frames = counters["frames"]["total"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for i in range(12, 20):
+                step(i)
+        assert counters["frames"]["total"] == frames
+        assert len(seen) > 5, "gates were frozen at trace time"
+    finally:
+        torch._dynamo.reset()
