@@ -543,7 +543,7 @@ def to_gated(block: nn.Module, family: Family) -> nn.Module:
     # timm keeps an absent drop path as a plain None attribute
     attrs = {s: block.__dict__.pop(s) for s in family.slots if s in block.__dict__}
     block._sd_order = list(mods)
-    gates = {s: ResidualGate() for s in family.slots}
+    gates = {s: ResidualGate().train(block.training) for s in family.slots}
     items = [(n, gates.pop(n) if n in gates else m) for n, m in mods.items()]
     mods.clear()
     mods.update(items + list(gates.items()))

@@ -30,7 +30,7 @@ def timm_resnet(block="basic", drop_path_rate=0.1, se=False, num_classes=10):
     needs all four stages), channels 16/32/48/64, the standard 7x7 stem; per-block
     drop-path rates rise linearly from 0 (timm gives the first block no DropPath).
     Without timm: :class:`TimmLikeResNet` (two stages of two blocks, DropPath on every
-    block). ``se=True`` adds squeeze-and-excitation (a layout ``convert`` must refuse).
+    block). ``se=True`` adds squeeze-and-excitation (converted by ``sdkernels.families``).
     """
     if block not in ("basic", "bottleneck"):
         raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
@@ -45,6 +45,17 @@ def timm_resnet(block="basic", drop_path_rate=0.1, se=False, num_classes=10):
 
 
 # --- Look-alikes of timm 1.x (used only when timm is not installed) ---------------------
+
+
+class SEModule(nn.Module):
+    """timm's SEModule contract: returns x scaled by its channel gate."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x))
 
 
 class DropPath(nn.Module):
@@ -72,7 +83,7 @@ class TimmBasicBlock(nn.Module):
         self.aa = nn.Identity()
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(planes, planes, 1)) if se else None
+        self.se = SEModule(planes) if se else None
         self.act2 = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
@@ -83,7 +94,7 @@ class TimmBasicBlock(nn.Module):
         x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
         x = self.bn2(self.conv2(x))
         if self.se is not None:
-            x = x * torch.sigmoid(self.se(x))
+            x = self.se(x)
         if self.drop_path is not None:
             x = self.drop_path(x)
         if self.downsample is not None:

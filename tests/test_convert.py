@@ -274,6 +274,21 @@ def test_unsupported_block_names_the_module():
         sdkernels.convert(model)
 
 
+def test_family_converted_in_eval_mode_stays_in_eval_mode():
+    """A block converted by sdkernels.families (here a timm-layout SE ResNet) keeps the
+    mode it had: its gates are in eval mode too, so eval output is the original's."""
+    torch.manual_seed(0)
+    model = timm_resnet("basic", se=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    sdkernels.convert(model, p_last=1.0, schedule="uniform")
+    gates = [g for _, b in sdkernels.residual_blocks(model) for g in sdkernels.gates_of(b)]
+    assert gates and not any(g.training for g in gates)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
 def test_no_residual_blocks_is_an_error():
     with pytest.raises(ValueError, match="no residual blocks.*Sequential"):
         sdkernels.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))

@@ -1,0 +1,294 @@
+"""The real timm / torchvision models of every residual family that ``sdkernels.families``
+converts, shrunk for CPU tests, and the model-side facts the family tests check against.
+
+Everything here reads the packages' own structure (their block classes, their drop-path
+modules and rates, their ``has_skip`` / ``use_res_connect`` flags), never sdkernels'
+recognition code, so the tests compare sdkernels against an independent account of the
+model. Nothing is imported from timm / torchvision at import time: the CPU CI environment
+has neither, and the test files skip there.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+DROP_RATE = 0.2  # drop-path rate the models are built with (schedule="keep" reads it)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One family's test model.
+
+    * ``build()``: the model (random init, float32), with its drop paths at DROP_RATE;
+    * ``blocks``: (module, class name) of the package's residual block classes;
+    * ``size``: input image side; ``batch``: input batch;
+    * ``residual(block)``: whether a block of those classes has a residual in this
+      instance (timm ``has_skip``, torchvision ``use_res_connect``...);
+    * ``gates``: residuals per block (2 for transformer blocks);
+    * ``drop_slots``: per gate, the name of the block's drop-path child it stands for
+      (None: the block has none, e.g. torchvision RegNet / ViT);
+    * ``branch``: per gate, a child of the block that runs only inside that residual's
+      branch (its forward hook counts the branch's calls and rows).
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    blocks: tuple
+    size: int = 32
+    batch: int = 2
+    residual: Callable[[nn.Module], bool] = lambda m: True
+    gates: int = 1
+    drop_slots: tuple = ("drop_path",)
+    branch: tuple = ("conv1",)
+    tags: tuple = field(default=())
+
+
+def _timm(arch, **kw):
+    import timm
+
+    kw.setdefault("drop_path_rate", DROP_RATE)
+    return timm.create_model(arch, pretrained=False, num_classes=10, **kw)
+
+
+def _tv(arch, **kw):
+    import torchvision
+
+    return getattr(torchvision.models, arch)(weights=None, num_classes=10, **kw)
+
+
+def _tv_vit_b_16():
+    # the real vit_b_16 (hidden 768, 12 heads) at 32 px, its encoder cut to 2 layers
+    m = _tv("vit_b_16", image_size=32)
+    m.encoder.layers = m.encoder.layers[:2]
+    return m
+
+
+def _tv_efficientnet_v2_s():
+    # the real efficientnet_v2_s with its stages cut to 2 blocks each (FusedMBConv and
+    # MBConv, residual and not): the full 40 blocks in float64 cost seconds per forward
+    m = _tv("efficientnet_v2_s", stochastic_depth_prob=DROP_RATE)
+    for stage in m.features[1:-1]:
+        del stage[2:]
+    return m
+
+
+def _has_skip(m):
+    return bool(m.has_skip)
+
+
+def _use_res(m):
+    return bool(getattr(m, "use_res_connect", True))
+
+
+def _timm_regnet_residual(m):
+    return m.downsample is not None
+
+
+_R = "timm.models.resnet"
+_TRANSFORMER = dict(gates=2, drop_slots=("drop_path1", "drop_path2"), branch=("attn", "mlp"))
+
+SPECS = [
+    # timm ResNets with SE / ECA / attention / anti-aliasing (the plain ones go to the fused
+    # sdkernels blocks and are tested in test_convert.py); layers=(1,1,1,1) keeps one
+    # block per stage: a downsampling block with the extras in each of the 4 stages
+    Spec("timm.seresnet50", lambda: _timm("seresnet50", layers=(1, 2, 1, 1)),
+         ((_R, "Bottleneck"),)),
+    Spec("timm.ecaresnet50d", lambda: _timm("ecaresnet50d", layers=(1, 2, 1, 1)),
+         ((_R, "Bottleneck"),)),
+    Spec("timm.resnetrs50", lambda: _timm("resnetrs50", layers=(1, 2, 1, 1)),
+         ((_R, "Bottleneck"),)),
+    Spec("timm.resnetblur50", lambda: _timm("resnetblur50", layers=(1, 2, 1, 1)),
+         ((_R, "Bottleneck"),)),
+    Spec("timm.skresnet18", lambda: _timm("skresnet18"),
+         (("timm.models.sknet", "SelectiveKernelBasic"),)),
+    Spec("timm.resnetv2_50", lambda: _timm("resnetv2_50", layers=(1, 2, 1, 1)),
+         (("timm.models.resnetv2", "PreActBottleneck"), ("timm.models.resnetv2", "Bottleneck"))),
+    Spec("timm.resnetv2_50x1_bit", lambda: _timm("resnetv2_50x1_bit", layers=(1, 2, 1, 1)),
+         (("timm.models.resnetv2", "PreActBottleneck"),)),
+    Spec("timm.regnetx_002", lambda: _timm("regnetx_002"),
+         (("timm.models.regnet", "Bottleneck"), ("timm.models.regnet", "PreBottleneck")),
+         residual=_timm_regnet_residual),
+    Spec("timm.regnety_008", lambda: _timm("regnety_008"),
+         (("timm.models.regnet", "Bottleneck"), ("timm.models.regnet", "PreBottleneck")),
+         residual=_timm_regnet_residual),
+    Spec("timm.convnext_atto", lambda: _timm("convnext_atto"),
+         (("timm.models.convnext", "ConvNeXtBlock"),), branch=("conv_dw",)),
+    Spec("timm.vit_tiny", lambda: _timm("vit_tiny_patch16_224", depth=2, img_size=32),
+         (("timm.models.vision_transformer", "Block"),), **_TRANSFORMER),
+    Spec("timm.deit_tiny", lambda: _timm("deit_tiny_patch16_224", depth=2, img_size=32),
+         (("timm.models.vision_transformer", "Block"),), **_TRANSFORMER),
+    Spec("timm.vit_tiny_respost", lambda: _vit_respost(),
+         (("timm.models.vision_transformer", "ResPostBlock"),), **_TRANSFORMER),
+    Spec("timm.beit_base", lambda: _timm("beit_base_patch16_224", depth=2, img_size=32),
+         (("timm.models.beit", "Block"),), **_TRANSFORMER),
+    Spec("timm.eva02_tiny", lambda: _timm("eva02_tiny_patch14_224", depth=2, img_size=28),
+         (("timm.models.eva", "EvaBlock"),), size=28, **_TRANSFORMER),
+    Spec("timm.swin_tiny", lambda: _timm("swin_tiny_patch4_window7_224", img_size=56,
+                                         depths=(2, 2, 2, 2)),
+         (("timm.models.swin_transformer", "SwinTransformerBlock"),), size=56,
+         **_TRANSFORMER),
+    Spec("timm.efficientnet_b0", lambda: _timm("efficientnet_b0"),
+         (("timm.models._efficientnet_blocks", "InvertedResidual"),
+          ("timm.models._efficientnet_blocks", "DepthwiseSeparableConv")),
+         residual=_has_skip, branch=("conv_dw",)),
+    Spec("timm.mobilenetv3_small_100", lambda: _timm("mobilenetv3_small_100"),
+         (("timm.models._efficientnet_blocks", "InvertedResidual"),
+          ("timm.models._efficientnet_blocks", "DepthwiseSeparableConv")),
+         residual=_has_skip, branch=("conv_dw",)),
+    Spec("torchvision.convnext_tiny",
+         lambda: _tv("convnext_tiny", stochastic_depth_prob=DROP_RATE),
+         (("torchvision.models.convnext", "CNBlock"),), drop_slots=("stochastic_depth",),
+         branch=("block",)),
+    Spec("torchvision.swin_t", lambda: _tv("swin_t", stochastic_depth_prob=DROP_RATE),
+         (("torchvision.models.swin_transformer", "SwinTransformerBlock"),), gates=2,
+         drop_slots=("stochastic_depth", "stochastic_depth"), branch=("attn", "mlp")),
+    Spec("torchvision.swin_v2_t", lambda: _tv("swin_v2_t", stochastic_depth_prob=DROP_RATE),
+         (("torchvision.models.swin_transformer", "SwinTransformerBlockV2"),), gates=2,
+         drop_slots=("stochastic_depth", "stochastic_depth"), branch=("attn", "mlp")),
+    Spec("torchvision.vit_b_16", _tv_vit_b_16,
+         (("torchvision.models.vision_transformer", "EncoderBlock"),), gates=2,
+         drop_slots=(None, None), branch=("self_attention", "mlp")),
+    Spec("torchvision.efficientnet_b0",
+         lambda: _tv("efficientnet_b0", stochastic_depth_prob=DROP_RATE),
+         (("torchvision.models.efficientnet", "MBConv"),), residual=_use_res,
+         drop_slots=("stochastic_depth",), branch=("block",)),
+    Spec("torchvision.efficientnet_v2_s", _tv_efficientnet_v2_s,
+         (("torchvision.models.efficientnet", "MBConv"),
+          ("torchvision.models.efficientnet", "FusedMBConv")), residual=_use_res,
+         drop_slots=("stochastic_depth",), branch=("block",)),
+    Spec("torchvision.regnet_y_400mf", lambda: _tv("regnet_y_400mf"),
+         (("torchvision.models.regnet", "ResBottleneckBlock"),), drop_slots=(None,),
+         branch=("f",)),
+]
+BY_NAME = {s.name: s for s in SPECS}
+
+
+def _vit_respost():
+    # timm's post-norm ViT block (norm after the attention / MLP), no layer scale
+    from timm.models.vision_transformer import ResPostBlock
+
+    return _timm("vit_tiny_patch16_224", depth=2, img_size=32, block_fn=ResPostBlock)
+
+
+def package_of(spec: Spec) -> str:
+    return spec.name.split(".")[0]
+
+
+def block_classes(spec: Spec) -> tuple:
+    return tuple(getattr(importlib.import_module(mod), cls) for mod, cls in spec.blocks)
+
+
+def package_blocks(spec: Spec, model: nn.Module) -> dict:
+    """qualified name -> block, for every block of the family's classes that has a
+    residual in this instance (the package's own account)."""
+    classes = block_classes(spec)
+    return {q: m for q, m in model.named_modules()
+            if type(m) in classes and spec.residual(m)}
+
+
+def non_residual_blocks(spec: Spec, model: nn.Module) -> dict:
+    classes = block_classes(spec)
+    return {q: m for q, m in model.named_modules()
+            if type(m) in classes and not spec.residual(m)}
+
+
+def drop_path_types() -> tuple:
+    """The packages' drop-path module classes (those that are installed)."""
+    out = []
+    try:
+        from timm.layers import DropPath
+        out.append(DropPath)
+    except ImportError:
+        pass
+    try:
+        from torchvision.ops import StochasticDepth
+        out.append(StochasticDepth)
+    except ImportError:
+        pass
+    return tuple(out)
+
+
+def drop_rate(m) -> float:
+    """A package drop-path module's rate (0 for None / nn.Identity)."""
+    if m is None or isinstance(m, nn.Identity):
+        return 0.0
+    if hasattr(m, "drop_prob"):  # timm DropPath
+        return float(m.drop_prob)
+    return float(m.p)  # torchvision StochasticDepth
+
+
+def drop_mode(m):
+    if m is None or isinstance(m, nn.Identity):
+        return None
+    return getattr(m, "mode", "row")  # timm DropPath: per sample
+
+
+def quiet(model: nn.Module) -> nn.Module:
+    """Every Dropout of ``model`` at p = 0 (model-level randomness off)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+    return model
+
+
+def no_drop_paths(model: nn.Module) -> nn.Module:
+    """Every package drop path of ``model`` at rate 0 (the deterministic reference)."""
+    for m in model.modules():
+        if isinstance(m, drop_path_types()):
+            if hasattr(m, "drop_prob"):
+                m.drop_prob = 0.0
+            else:
+                m.p = 0.0
+    return model
+
+
+def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter and normalisation statistic moved off its initial value, so that
+    no residual branch contributes nothing (zero-initialised last BN of timm ResNets,
+    layer scales of 1e-6, zero heads) and an error anywhere shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_floating_point():
+                continue
+            spread = float(p.std()) if p.numel() > 1 else 0.0
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if spread > 1e-3:
+                p.add_(noise * 0.2 * spread)
+            else:  # constant at init (norm weights/biases, layer scales, zero heads)
+                p.add_(noise * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g, dtype=b.dtype) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.1)
+    return model
+
+
+def make(spec: Spec, dtype=torch.float64, seed: int = 0) -> nn.Module:
+    """The spec's model: built with torch seed ``seed``, perturbed, dropout off, in
+    ``dtype`` (drop paths as built)."""
+    torch.manual_seed(seed)
+    m = quiet(perturb(spec.build(), seed))
+    return m.to(dtype)
+
+
+def inputs(spec: Spec, step: int = 0, dtype=torch.float64, batch: int | None = None):
+    g = torch.Generator().manual_seed(100 + step)
+    n = spec.batch if batch is None else batch
+    x = torch.randn(n, 3, spec.size, spec.size, generator=g, dtype=dtype)
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+def reference_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with the package drop paths off: the deterministic original."""
+    return no_drop_paths(copy.deepcopy(model))
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
