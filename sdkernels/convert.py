@@ -193,7 +193,10 @@ def _kept(qual, block, kind, fam, mode, scaling) -> list[tuple[float, str, str]]
         return [(block.survival_prob, mode or block.mode, scaling or block.scaling)]
     out = []
     for m in _original_drop_paths(block, kind, fam):
-        rate, own_mode, by_keep = families.drop_path_rate(m)
+        try:
+            rate, own_mode, by_keep = families.drop_path_rate(m)
+        except ValueError as e:
+            raise ValueError(f"convert(schedule='keep'): '{qual}': {e}") from e
         if rate > 0 and not by_keep and scaling is None:
             raise ValueError(f"convert(schedule='keep'): the drop path of '{qual}' does not "
                              "scale by 1/keep (scale_by_keep=False), which neither "

@@ -86,7 +86,7 @@ def _gate(block, slot) -> ResidualGate:
     return block._modules[slot]
 
 
-def _rate_of(m) -> tuple[float, Optional[str], bool]:
+def drop_path_rate(m) -> tuple[float, Optional[str], bool]:
     """(drop rate, per-sample mode or None, scales by 1/keep) of a drop-path module:
     timm ``DropPath`` (per sample, ``scale_by_keep``), torchvision ``StochasticDepth``
     (``p``, ``mode``, always scales); anything else drops nothing."""
@@ -96,7 +96,8 @@ def _rate_of(m) -> tuple[float, Optional[str], bool]:
         return float(m.drop_prob), "row", bool(getattr(m, "scale_by_keep", True))
     if hasattr(m, "p") and getattr(m, "mode", None) in ("row", "batch"):
         return float(m.p), m.mode, True
-    raise ValueError(f"unknown drop-path module {type(m).__name__}")
+    raise ValueError(f"unknown drop-path module {type(m).__name__}: neither timm's DropPath "
+                     "(drop_prob) nor torchvision's StochasticDepth (p, mode)")
 
 
 def _is_drop_path(m) -> bool:
@@ -112,7 +113,8 @@ class Family:
     """One layout: ``check(block)`` says whether a block has it (None: no; ``SKIP``; ""
     exact; else why it cannot be made exact), ``slots`` where each residual's gate sits
     in forward order, ``forward(block, x, *args, **kwargs)`` the gated forward, and
-    ``rates(block, saved)`` the original drop-path module of each slot."""
+    ``sources`` the slot whose original drop path each gate stands for (default: its
+    own; torchvision's Swin applies one drop-path module to both residuals)."""
 
     name: str
     slots: tuple
@@ -241,8 +243,9 @@ def _fwd_regnet_pre(block, x):
 def _check_convnext(m):
     if not _has_layout(m, ("conv_dw", "norm", "mlp", "shortcut"), ("drop_path",)):
         return None
-    return "" if hasattr(m, "use_conv_mlp") and "gamma" in m._parameters | m.__dict__ else \
-        "ConvNeXt-like block without use_conv_mlp / gamma attributes"
+    if not (hasattr(m, "use_conv_mlp") and hasattr(m, "gamma")):
+        return "ConvNeXt-like block without the use_conv_mlp / gamma attributes its forward reads"
+    return ""
 
 
 def _fwd_convnext(block, x):
@@ -568,6 +571,3 @@ def revert_block(block: GatedBlock) -> nn.Module:
     return block
 
 
-def drop_path_rate(m) -> tuple[float, Optional[str], bool]:
-    """(drop rate, mode or None, scale_by_keep) of an original drop-path module."""
-    return _rate_of(m)
