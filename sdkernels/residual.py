@@ -123,11 +123,18 @@ class Residual:
         return h, (hs if self.shortcut is None else self.shortcut(hs))
 
     def combine(self, sc, f, s: Optional[float]):
-        # s None: exactly `x + f` as the block it replaces writes it. A multiply, not
-        # torch.add's alpha: under torch.compile a Python float passed as alpha is
-        # specialised (one compile per distinct p), one multiplied in is a graph input.
-        out = sc + (f if s is None else f * s)
+        # s None: exactly `x + f` as the block it replaces writes it
+        out = sc + f if s is None else _add_scaled(sc, f, s)
         return out if self.post is None else self.post(out)
+
+
+def _add_scaled(sc, f, s: float):
+    """sc + s * f. Eager: torch.add's alpha, one pass. Under torch.compile a multiply,
+    because Dynamo specialises a Python float passed as alpha (one compile per distinct
+    p) but makes one that is multiplied in a graph input; Inductor fuses it anyway."""
+    if torch.compiler.is_compiling():
+        return sc + f * s
+    return torch.add(sc, f, alpha=s)
 
 
 def _post_of_input(post, out, x):
@@ -302,10 +309,14 @@ class GatedResidual(nn.Module):
             xk = x.index_select(0, idx)
             hk = xk if r.pre is None else r.pre(xk)
         f = r.branch(hk, *[a.index_select(0, idx) for a in r.row_args])
-        if s is not None:
-            f = f * s
         dt = torch.promote_types(sc.dtype, f.dtype)
-        out = sc.to(dt).index_add(0, idx, f.to(dt))
+        sc, f = sc.to(dt), f.to(dt)
+        if s is None:
+            out = sc.index_add(0, idx, f)
+        elif torch.compiler.is_compiling():  # see _add_scaled
+            out = sc.index_add(0, idx, f * s)
+        else:
+            out = sc.index_add(0, idx, f, alpha=s)
         return out if r.post is None else r.post(out)
 
     def _mask_forward(self, x, r: Residual, keep: torch.Tensor, s: Optional[float]):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..convert import residual_blocks
+from ..convert import gates_of, residual_blocks
 from ..gates import FixedGates
 
 __all__ = ["stages_of", "fix_gates"]
@@ -30,7 +30,9 @@ def stages_of(model: nn.Module) -> tuple[list[str], list[int]]:
 
 
 def fix_gates(model: nn.Module, active_stage: int | None, all_active: bool = False) -> None:
-    """Force every block's gate: on in stage ``active_stage`` (or everywhere), off elsewhere."""
+    """Force every block's gates (a converted transformer block has two): on in stage
+    ``active_stage`` (or everywhere), off elsewhere."""
     _, stage_of = stages_of(model)
     for (_, block), k in zip(residual_blocks(model), stage_of):
-        block.gate_generator = FixedGates(all_active or k == active_stage)
+        for g in gates_of(block):
+            g.gate_generator = FixedGates(all_active or k == active_stage)
