@@ -22,7 +22,6 @@ names the module (:func:`recognise`).
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -30,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .residual import Residual, ResidualGate, decide
+from .residual import Residual, ResidualGate, branch_has_batchnorm, decide
 
 __all__ = ["Family", "FAMILIES", "GatedBlock", "recognise", "to_gated", "revert_block",
            "looks_residual", "drop_path_rate", "SKIP"]
@@ -308,10 +307,16 @@ def _check_tv_swin(m):
     return _check_transformer(m, ("stochastic_depth",))
 
 
-@functools.lru_cache(maxsize=None)
+_EXTRA_NAMES: dict = {}
+
+
 def _extra_names(cls) -> tuple:
-    """Names of ``cls.forward``'s arguments after x, to name positional extras."""
-    return tuple(list(inspect.signature(cls.forward).parameters)[2:])
+    """Names of ``cls.forward``'s arguments after x, to name positional extras (a plain
+    dict cache: Dynamo traces it without the warning functools.lru_cache draws)."""
+    names = _EXTRA_NAMES.get(cls)
+    if names is None:
+        names = _EXTRA_NAMES[cls] = tuple(list(inspect.signature(cls.forward).parameters)[2:])
+    return names
 
 
 def _scaled(ls, t):
@@ -547,6 +552,11 @@ def to_gated(block: nn.Module, family: Family) -> nn.Module:
     attrs = {s: block.__dict__.pop(s) for s in family.slots if s in block.__dict__}
     block._sd_order = list(mods)
     gates = {s: ResidualGate().train(block.training) for s in family.slots}
+    # the shortcut's BatchNorm runs on every row; the branch's on the survivors
+    if branch_has_batchnorm(c for n, c in mods.items()
+                            if n not in ("downsample", "shortcut", "proj")):
+        for g in gates.values():
+            g.min_rows = 2
     items = [(n, gates.pop(n) if n in gates else m) for n, m in mods.items()]
     mods.clear()
     mods.update(items + list(gates.items()))

@@ -28,6 +28,7 @@ ConvNeXt blocks (``sdkernels.families``) hold one :class:`ResidualGate` per resi
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -64,6 +65,25 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and torch.cuda.is_available():
         t = t.pin_memory()
     return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t, non_blocking=True)
+
+
+_WARNED_MASKED = set()
+
+
+def _warn_masked_once(gate):
+    kind = type(gate).__name__
+    if kind not in _WARNED_MASKED:
+        _WARNED_MASKED.add(kind)
+        warnings.warn(f"sdkernels: a row-mode residual ({kind}) whose branch has BatchNorm "
+                      "drew a single survivor; that step runs its branch on the whole "
+                      "batch, masked (BatchNorm needs two samples). Warned once.",
+                      RuntimeWarning, stacklevel=3)
+
+
+def branch_has_batchnorm(modules) -> bool:
+    """Whether any of ``modules`` (or their submodules) is a BatchNorm."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for mod in modules if isinstance(mod, nn.Module) for m in mod.modules())
 
 
 class _ZeroGradTie(torch.autograd.Function):
@@ -162,11 +182,15 @@ class GatedResidual(nn.Module):
         self.drop_impl = drop_impl
         self.last_gate = None
         self._gate_key = None  # position in the generator's step draw (GateGenerator.bind)
+        # Row mode runs the branch on at least this many rows (2 for a branch with
+        # BatchNorm, see draw); with fewer survivors the step is computed masked.
+        self.min_rows = 1
 
     def __setstate__(self, state):
         # whole-model pickles from before per-step gates
         super().__setstate__(state)
         self.__dict__.setdefault("_gate_key", None)
+        self.__dict__.setdefault("min_rows", 1)
 
     # -- settable, validated attributes (users inspect and anneal them) ---------------
     @property
@@ -269,6 +293,12 @@ class GatedResidual(nn.Module):
         n, idx = survivors(g)
         if n == 0 or n == rows:
             return ("dropped" if n == 0 else "active"), s, None
+        if n < self.min_rows:
+            # BatchNorm over one sample: degenerate statistics, and an error where that is
+            # one value per channel (SelectiveKernel's attention pools to 1x1). This step
+            # runs the branch on the whole batch, masked, as the naive implementation does.
+            _warn_masked_once(self)
+            return "mask", s, g
         # a new survivor count reuses the compiled graph instead of compiling one per count
         torch._dynamo.decorators.mark_unbacked(idx, 0)
         return "rows", s, idx
@@ -356,6 +386,7 @@ class StochasticDepth(GatedResidual):
         self.shortcut = shortcut
         self.activation = activation
         self._init_gate(survival_prob, mode, scaling, gate_generator, dropped_grads, drop_impl)
+        self.min_rows = 2 if branch_has_batchnorm([branch]) else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sc = self.shortcut

@@ -319,3 +319,24 @@ def test_compiled_row_mode_gates_live_and_recompiles_bounded():
         assert len(seen) > 5, "gates were frozen at trace time"
     finally:
         torch._dynamo.reset()
+
+
+def test_batchnorm_branch_with_one_survivor_runs_masked(monkeypatch):
+    """BatchNorm cannot normalise one sample where that is one value per channel (and
+    gives degenerate statistics elsewhere): a BN branch with a single survivor runs on
+    the whole batch, masked, and says so once."""
+    import sdkernels.residual as residual
+    monkeypatch.setattr(residual, "_WARNED_MASKED", set())
+    keep = [False, True, False, False]
+    torch.manual_seed(0)
+    branch = nn.Sequential(nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4))
+    m = StochasticDepth(branch, mode="row", scaling="train", survival_prob=0.5,
+                        gate_generator=RowPattern(keep)).to(DT)
+    assert m.min_rows == 2
+    ref = copy.deepcopy(branch)
+    x = torch.rand(4, 4, 3, 3, dtype=DT)
+    with pytest.warns(RuntimeWarning, match="single survivor"):
+        out = m(x)
+    mask = torch.tensor(keep, dtype=DT)[:, None, None, None] / 0.5
+    torch.testing.assert_close(out, x + mask * ref(x), rtol=1e-12, atol=1e-14)
+    assert StochasticDepth(Counted()).min_rows == 1  # LayerNorm: any number of rows

@@ -1,0 +1,164 @@
+"""Converted timm models train under torch.distributed DDP with its defaults (issue 15).
+
+A 2-process gloo job on CPU (``_ddp_families_worker.py``) trains a converted ViT
+(vit_tiny, 4 blocks, 32 px) and a converted ConvNeXt (convnext_atto) in row mode (per
+sample, as timm's drop path) and batch mode, with DDP's defaults (no
+``find_unused_parameters``), for several steps in which residuals are dropped. It shows:
+no DDP error about unused parameters (a residual dropped on a whole shard ties zero
+gradients to its branch parameters); gradients, gates and weights identical on both ranks
+after the all-reduce; the dropped residuals' parameters hold zero gradients, not None;
+and every step equals a single-process reference on the same data and gates. With
+``dropped_grads="none"`` the same job fails with DDP's error: the test sees a missing
+gradient.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+pytest.importorskip("timm")
+
+import sdkernels  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+# Subprocesses import the same sdkernels as this process (see test_distributed.py).
+PKG_PARENT = str(Path(sdkernels.__file__).resolve().parent.parent)
+WORKER = HERE / "_ddp_families_worker.py"
+
+_spec = importlib.util.spec_from_file_location("_sdk_ddp_families_worker", WORKER)
+W = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(W)
+
+pytestmark = [pytest.mark.thirdparty,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
+
+CONFIGS = [pytest.param(c, id=f"{c[0]}-{c[1]}") for c in W.CONFIGS]
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory) -> dict:
+    """Launch WORLD worker processes once for all configurations; what rank 0 saved."""
+    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True,
+                          wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
+    out = tmp_path_factory.mktemp("ddp_families") / "record.pt"
+    env = dict(os.environ)
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; no hostname lookup
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([PKG_PARENT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(W.WORLD),
+                               str(store.port), str(out)],
+                              cwd=str(HERE), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for r in range(W.WORLD)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    del store
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"DDP rank {r} failed (rc={p.returncode}):\n{log[-4000:]}"
+    return torch.load(out, weights_only=False)
+
+
+def _reference_run(arch, mode):
+    """Single-process reproduction of the 2-rank DDP job (as in test_distributed.py):
+    two replicas built identically, each with its gate generator seeded like the ranks'
+    (so each draws the gates the ranks draw), replica r forwards shard r; gradients are
+    averaged into replica 0, which steps; its weights are copied into replica 1. The
+    replicas use dropped_grads="zeros" (no process group here: "auto" would give None,
+    and SGD would skip the dropped parameters' weight decay and momentum)."""
+    reps = [W.setup(arch, mode, dropped_grads="zeros") for _ in range(W.WORLD)]
+    opt = W.make_optimizer(reps[0].parameters())
+    residuals = [W.gates_and_params(m) for m in reps]
+    grads, gates, losses = [], [], []
+    for step in range(W.STEPS):
+        for m in reps:
+            m.zero_grad(set_to_none=True)
+        step_losses = []
+        for r, m in enumerate(reps):
+            x, y = W.shard(arch, step, r)
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            step_losses.append(loss.item())
+        g0 = [W.gate_value(g.last_gate) for g, _ in residuals[0]]
+        assert g0 == [W.gate_value(g.last_gate) for g, _ in residuals[1]]
+        with torch.no_grad():
+            for p0, p1 in zip(reps[0].parameters(), reps[1].parameters()):
+                p0.grad = (p0.grad + p1.grad) / W.WORLD
+        grads.append(W.flat_grads(reps[0]))
+        gates.append(g0)
+        losses.append(step_losses)
+        opt.step()
+        with torch.no_grad():
+            for p0, p1 in zip(reps[0].parameters(), reps[1].parameters()):
+                p1.copy_(p0)
+    return {"grads": torch.stack(grads), "gates": gates, "losses": losses,
+            "final_params": W.flat_params(reps[0])}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_ddp_trains_with_dropped_residuals(record, config):
+    arch, mode = config
+    rec = record[config]
+    assert len(rec["gates"]) == W.STEPS
+    # residuals were dropped on a whole shard (their branch did not run; DDP trained
+    # through that without find_unused_parameters), and others ran
+    dropped = sum(W.fully_dropped(v) for gates in rec["gates"] for v in gates)
+    assert dropped > 0, f"no residual was dropped in {W.STEPS} steps: the test proves nothing"
+    assert rec["ran_checked"] > 0
+    if mode == "row":
+        # per-sample gates: some residuals ran on part of the shard
+        assert any(isinstance(v, tuple) and 0 < sum(v) < W.PER_RANK
+                   for gates in rec["gates"] for v in gates)
+    # every parameter had a gradient on every rank; a dropped residual's are zeros
+    assert rec["none_grads"] == []
+    assert rec["dropped_checked"] > 0
+    assert rec["problems"] == []
+    # the same gates, gradients (after the all-reduce) and final weights on both ranks
+    assert all(rec["gates_equal_across_ranks"])
+    assert all(rec["grads_equal_across_ranks"]), rec["grads_equal_across_ranks"]
+    assert rec["final_params_equal_across_ranks"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_ddp_matches_single_process_reference(record, config):
+    rec = record[config]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers; also faster on 2 busy cores
+    try:
+        ref = _reference_run(*config)
+    finally:
+        torch.set_num_threads(threads)
+    assert ref["gates"] == rec["gates"]
+    for step in range(W.STEPS):
+        assert ref["losses"][step] == pytest.approx(rec["losses"][step], rel=1e-10, abs=1e-12)
+        torch.testing.assert_close(rec["grads"][step], ref["grads"][step], rtol=1e-9,
+                                   atol=1e-12, msg=lambda m: f"step {step}: {m}")
+    torch.testing.assert_close(rec["final_params"], ref["final_params"], rtol=1e-9, atol=1e-12)
+    # training moved the weights
+    assert not torch.equal(rec["final_params"], W.flat_params(W.setup(*config)))
+
+
+def test_ddp_without_zero_grads_fails(record):
+    """Negative control: with dropped_grads="none" a dropped residual's parameters get no
+    gradient, and DDP's defaults refuse the next step (what the tests above rule out)."""
+    neg = record["negative"]
+    assert neg["error"] is not None, "DDP trained through dropped residuals without zero grads"
+    assert "parameters that were not used in producing loss" in neg["error"]
+    assert 0 < neg["step"] < W.STEPS
