@@ -28,7 +28,7 @@ from . import layers, ops
 from .gates import GateGenerator
 from .ops import reference
 from .residual import (DROP_IMPLS, DROPPED_GRADS, MODES, SCALINGS, GatedResidual, _choice,
-                       decide)
+                       decide, gather_rows)
 
 __all__ = ["StochasticDepthBlock", "BasicBlock", "Bottleneck", "MODES", "SCALINGS",
            "DROPPED_GRADS", "DROP_IMPLS"]
@@ -102,11 +102,12 @@ class StochasticDepthBlock(GatedResidual):
         gate_scale = 1.0 if gate_scale is None else gate_scale
         m = self.shortcut_module
         sc = self._shortcut(x)
-        t = ops.residual_block(x.index_select(0, idx), self.branch_plan(), gate_scale,
+        t = ops.residual_block(gather_rows(x, idx), self.branch_plan(), gate_scale,
                                self._fold_cache,
-                               None if layers.is_identity(m) else sc.index_select(0, idx))
+                               None if layers.is_identity(m) else gather_rows(sc, idx))
         base = sc if layers.is_identity(m) else torch.relu(sc)
-        return base.index_copy(0, idx, t.to(base.dtype))
+        # a copy of our own (same memory layout; out-of-place index_copy would be NCHW)
+        return base.clone().index_copy_(0, idx, t.to(base.dtype))
 
     def _mask_forward(self, x, r, keep: torch.Tensor, gate_scale):
         # torchvision / timm: compute everything, then multiply by the mask.

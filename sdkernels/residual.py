@@ -7,15 +7,15 @@ probability, mode, scaling, generator, last gate) and applies the rule to a
 * training, ``mode="batch"``: one gate per forward; a dropped residual runs its shortcut
   (and ``post``) only: nothing of the branch runs, no autograd node is made for it.
 * training, ``mode="row"``: one gate per sample; the branch runs on the surviving rows
-  only (gathered with ``index_select``) and its output is added into theirs with
-  ``index_add``. A BatchNorm inside the branch therefore normalises with the survivors'
+  only (gathered in the input's memory layout) and its output is added into theirs with
+  ``index_add_`` on a copy of the shortcut. A BatchNorm inside the branch therefore normalises with the survivors'
   statistics; LayerNorm and GroupNorm are per sample and give exactly what a full batch
   gives on those rows.
 * eval: ``post(shortcut(x) + p * f(x))`` for ``scaling="test"`` (the paper),
   ``post(shortcut(x) + f(x))`` for ``scaling="train"`` (torchvision/timm, whose training
   scale is 1/p).
 
-The row result is written into a new tensor, never into ``x``: the block's input may
+The row result is written into a copy of the shortcut, never into ``x``: the block's input may
 still be needed as it is by its caller (timm's ``forward_intermediates`` keeps block
 outputs, activation checkpointing recomputes from them), and an in-place add would
 change it silently. The one copy of ``x`` this costs is what ``x + f`` costs in any
@@ -43,6 +43,11 @@ __all__ = ["GatedResidual", "Residual", "decide", "StochasticDepth", "ResidualGa
            "SCALINGS", "DROPPED_GRADS", "DROP_IMPLS"]
 
 MODES = ("batch", "row")
+#: Default ``gather_min_drop``: the dropped fraction of a mini-batch from which row mode
+#: gathers the survivors. Measured on the 2-core CPU (ViT-Tiny, batch 32; see
+#: benchmarks/RESULTS.md): gathering and scattering one residual's rows costs about 4%
+#: of that residual's time, so dropping fewer than 1 row in 16 does not pay for it.
+GATHER_MIN_DROP = 1 / 16
 SCALINGS = ("test", "train")
 DROPPED_GRADS = ("auto", "zeros", "none")
 DROP_IMPLS = ("skip", "mask")
@@ -109,6 +114,24 @@ def decide(gate: "GatedResidual", x: torch.Tensor):
     ``gate(x, decide(gate, x), residual)``, so that under torch.compile the graph break
     of the draw resumes in the caller's own frame (see :meth:`GatedResidual.draw`)."""
     return gate.draw(x) if gate.training else None
+
+
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t``'s rows ``idx``, in ``t``'s memory layout: ``index_select`` returns a
+    contiguous tensor, which turns a channels-last block input (ConvNeXt, ResNets run
+    channels_last) into NCHW and makes every convolution after it reorder its data."""
+    return t.index_select(0, idx) if t.is_contiguous() else t[idx]
+
+
+def add_rows(base: torch.Tensor, idx: torch.Tensor, f: torch.Tensor, s) -> torch.Tensor:
+    """A copy of ``base`` (same memory layout) with ``s * f`` added to its rows ``idx``.
+    The out-of-place ``index_add`` would return a contiguous tensor (see gather_rows)."""
+    out = base.clone()  # preserves the layout; a tensor of our own to add into
+    if s is None:
+        return out.index_add_(0, idx, f)
+    if torch.compiler.is_compiling():  # see _add_scaled
+        return out.index_add_(0, idx, f * s)
+    return out.index_add_(0, idx, f, alpha=s)
 
 
 class Residual:
@@ -185,12 +208,19 @@ class GatedResidual(nn.Module):
         # Row mode runs the branch on at least this many rows (2 for a branch with
         # BatchNorm, see draw); with fewer survivors the step is computed masked.
         self.min_rows = 1
+        # Row mode gathers the survivors only when at least this fraction of the rows is
+        # dropped: below it the gather/scatter costs more than the rows it saves, and
+        # the step multiplies by the mask as timm does (design §2). Branches with
+        # BatchNorm always gather (min_rows permitting): their statistics must be the
+        # survivors'.
+        self.gather_min_drop = GATHER_MIN_DROP
 
     def __setstate__(self, state):
         # whole-model pickles from before per-step gates
         super().__setstate__(state)
         self.__dict__.setdefault("_gate_key", None)
         self.__dict__.setdefault("min_rows", 1)
+        self.__dict__.setdefault("gather_min_drop", GATHER_MIN_DROP)
 
     # -- settable, validated attributes (users inspect and anneal them) ---------------
     @property
@@ -299,6 +329,8 @@ class GatedResidual(nn.Module):
             # runs the branch on the whole batch, masked, as the naive implementation does.
             _warn_masked_once(self)
             return "mask", s, g
+        if self.min_rows == 1 and rows - n < self.gather_min_drop * rows:
+            return "mask", s, g  # per-sample norms: the same result, the cheaper way
         # a new survivor count reuses the compiled graph instead of compiling one per count
         torch._dynamo.decorators.mark_unbacked(idx, 0)
         return "rows", s, idx
@@ -333,20 +365,14 @@ class GatedResidual(nn.Module):
         # idx: the survivors' rows, known on the host without a device sync (design §2)
         if r.pre is not None and r.pre_shortcut:
             h, sc = r.inputs(x)
-            hk = h.index_select(0, idx)
+            hk = gather_rows(h, idx)
         else:
             sc = x if r.shortcut is None else r.shortcut(x)
-            xk = x.index_select(0, idx)
+            xk = gather_rows(x, idx)
             hk = xk if r.pre is None else r.pre(xk)
-        f = r.branch(hk, *[a.index_select(0, idx) for a in r.row_args])
+        f = r.branch(hk, *[gather_rows(a, idx) for a in r.row_args])
         dt = torch.promote_types(sc.dtype, f.dtype)
-        sc, f = sc.to(dt), f.to(dt)
-        if s is None:
-            out = sc.index_add(0, idx, f)
-        elif torch.compiler.is_compiling():  # see _add_scaled
-            out = sc.index_add(0, idx, f * s)
-        else:
-            out = sc.index_add(0, idx, f, alpha=s)
+        out = add_rows(sc.to(dt), idx, f.to(dt), s)
         return out if r.post is None else r.post(out)
 
     def _mask_forward(self, x, r: Residual, keep: torch.Tensor, s: Optional[float]):

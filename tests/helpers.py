@@ -6,6 +6,13 @@ Nothing here touches CUDA at import time.
 """
 from __future__ import annotations
 
+import datetime
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 LOW = (torch.float16, torch.bfloat16)
@@ -121,3 +128,52 @@ def block_cases(rand):
                                   lambda d: ("projection", folded_conv(rand, 16, 20, 1, 2, d)),
                                   (2, 16, 8, 8)),
     }
+
+
+def load_worker(path: Path, name: str):
+    """A DDP worker script imported as a module (the parent's reference runs use its
+    model, data and optimizer builders)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_ddp_workers(worker: Path, world: int, out: Path, timeout: float) -> dict:
+    """Launch ``world`` processes of ``worker`` (args: RANK WORLD STORE_PORT OUT_FILE) on
+    gloo and return what rank 0 saved to ``out``.
+
+    The TCPStore server lives here, on a port the OS picks (port 0): no free-port race.
+    Subprocesses import the same sdkernels as this process (the installed package in CI,
+    the source tree in an editable install) and run from tests/, outside the repository
+    root, so the uncompiled source tree cannot shadow an installed package.
+    """
+    import torch.distributed as dist
+    import sdkernels
+
+    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True,
+                          wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
+    env = dict(os.environ)
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; no hostname lookup
+    env["OMP_NUM_THREADS"] = "1"
+    pkg_parent = str(Path(sdkernels.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_parent, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(world),
+                               str(store.port), str(out)],
+                              cwd=str(Path(worker).resolve().parent), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    del store
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"DDP rank {r} failed (rc={p.returncode}):\n{log[-4000:]}"
+    return torch.load(out, weights_only=False)

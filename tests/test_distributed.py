@@ -6,11 +6,6 @@ across ranks and with a single-process reference on the same data and gates.
 """
 from __future__ import annotations
 
-import datetime
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,16 +16,10 @@ import torch.nn.functional as F
 import sdkernels
 from sdkernels.gates import FixedGates
 
-HERE = Path(__file__).resolve().parent
-# Subprocesses import the same sdkernels as this process (the installed package in CI,
-# the source tree in an editable install), and run outside the repository root so the
-# uncompiled source tree cannot shadow an installed package.
-PKG_PARENT = str(Path(sdkernels.__file__).resolve().parent.parent)
-WORKER = HERE / "_ddp_worker.py"
+from helpers import load_worker, run_ddp_workers
 
-_spec = importlib.util.spec_from_file_location("_sdk_ddp_worker", WORKER)
-W = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(W)
+WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"
+W = load_worker(WORKER, "_sdk_ddp_worker")
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -38,33 +27,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 def _run_ddp_job(tmp_path) -> dict:
     """Launch WORLD worker processes; return what rank 0 saved."""
-    # The store server lives here, on a port the OS picks (port 0): no free-port race.
-    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True,
-                          wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
-    out = tmp_path / "ddp_record.pt"
-    env = dict(os.environ)
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; no hostname lookup
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([PKG_PARENT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(W.WORLD),
-                               str(store.port), str(out)],
-                              cwd=str(Path(__file__).resolve().parent), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for r in range(W.WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=150)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    del store
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"DDP rank {r} failed (rc={p.returncode}):\n{log[-4000:]}"
-    return torch.load(out, weights_only=False)
+    return run_ddp_workers(WORKER, W.WORLD, tmp_path / "ddp_record.pt", timeout=150)
 
 
 def _reference_run():

@@ -13,11 +13,6 @@ gradient.
 """
 from __future__ import annotations
 
-import datetime
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,14 +24,10 @@ pytest.importorskip("timm")
 
 import sdkernels  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-# Subprocesses import the same sdkernels as this process (see test_distributed.py).
-PKG_PARENT = str(Path(sdkernels.__file__).resolve().parent.parent)
-WORKER = HERE / "_ddp_families_worker.py"
+from helpers import load_worker, run_ddp_workers  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("_sdk_ddp_families_worker", WORKER)
-W = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(W)
+WORKER = Path(__file__).resolve().parent / "_ddp_families_worker.py"
+W = load_worker(WORKER, "_sdk_ddp_families_worker")
 
 pytestmark = [pytest.mark.thirdparty,
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -48,32 +39,8 @@ CONFIGS = [pytest.param(c, id=f"{c[0]}-{c[1]}") for c in W.CONFIGS]
 @pytest.fixture(scope="module")
 def record(tmp_path_factory) -> dict:
     """Launch WORLD worker processes once for all configurations; what rank 0 saved."""
-    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True,
-                          wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
     out = tmp_path_factory.mktemp("ddp_families") / "record.pt"
-    env = dict(os.environ)
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; no hostname lookup
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([PKG_PARENT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(W.WORLD),
-                               str(store.port), str(out)],
-                              cwd=str(HERE), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for r in range(W.WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    del store
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"DDP rank {r} failed (rc={p.returncode}):\n{log[-4000:]}"
-    return torch.load(out, weights_only=False)
+    return run_ddp_workers(WORKER, W.WORLD, out, timeout=240)
 
 
 def _reference_run(arch, mode):

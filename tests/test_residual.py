@@ -340,3 +340,21 @@ def test_batchnorm_branch_with_one_survivor_runs_masked(monkeypatch):
     mask = torch.tensor(keep, dtype=DT)[:, None, None, None] / 0.5
     torch.testing.assert_close(out, x + mask * ref(x), rtol=1e-12, atol=1e-14)
     assert StochasticDepth(Counted()).min_rows == 1  # LayerNorm: any number of rows
+
+
+def test_row_mode_gathers_only_when_enough_rows_drop():
+    """Below ``gather_min_drop`` of the batch dropped, a per-sample branch runs on every
+    row and is masked (cheaper than gathering, same result); at or above it, gathered."""
+    keep = [True] * 31 + [False]
+    m = _wrapper(RowPattern(keep), mode="row", scaling="train")
+    x = _x(32)
+    masked = m(x)
+    assert m.branch.calls == [32]
+    m.gate_generator = RowPattern(keep)
+    m.gather_min_drop = 1 / 32
+    m.branch.calls.clear()
+    gathered = m(x)
+    assert m.branch.calls == [31]
+    torch.testing.assert_close(masked, gathered, rtol=1e-12, atol=1e-14)
+    k = torch.tensor(keep)
+    torch.testing.assert_close(masked[~k], x[~k], rtol=0, atol=0)
