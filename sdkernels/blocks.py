@@ -27,8 +27,8 @@ from torch import nn
 from . import layers, ops
 from .gates import GateGenerator
 from .ops import reference
-from .residual import (DROP_IMPLS, DROPPED_GRADS, MODES, SCALINGS, GatedResidual, _choice,
-                       decide, gather_rows)
+from .residual import (DROP_IMPLS, DROPPED_GRADS, MODES, SCALINGS, GatedResidual, decide,
+                       gather_rows)
 
 __all__ = ["StochasticDepthBlock", "BasicBlock", "Bottleneck", "MODES", "SCALINGS",
            "DROPPED_GRADS", "DROP_IMPLS"]

@@ -2,9 +2,10 @@
 ResNet blocks: SE/ECA/attention and anti-aliased ResNets, SelectiveKernel, ResNetV2,
 RegNet, ConvNeXt, ViT/DeiT/BEiT/EVA, Swin, EfficientNet/MobileNet (design §2, §3).
 
-A block is recognised by its layout (child names, their registration order, and the
-attributes its forward reads), never by its class name, so a copy of a timm block in
-user code converts too. Each family says where each of its residuals' gates sits (the
+A block is recognised by its layout (child names, the attributes its forward reads, and
+the names its own forward's code uses, which must be ones the gated forward
+reproduces), never by its class name, so a copy of a timm block in user code converts
+too, and a look-alike with another forward is refused. Each family says where each of its residuals' gates sits (the
 slot of its drop path: ``drop_path``, ``drop_path1``/``drop_path2``,
 ``stochastic_depth``; a new parameter-free slot where the block has none) and how its
 forward runs with those residuals gated (:class:`sdkernels.residual.Residual`).
@@ -111,7 +112,10 @@ def _is_drop_path(m) -> bool:
 class Family:
     """One layout: ``check(block)`` says whether a block has it (None: no; ``SKIP``; ""
     exact; else why it cannot be made exact), ``slots`` where each residual's gate sits
-    in forward order, ``forward(block, x, *args, **kwargs)`` the gated forward, and
+    in forward order, ``forward(block, x, *args, **kwargs)`` the gated forward,
+    ``names``/``args`` what the block's own forward may read and take (the gated forward
+    reproduces those forwards; a block whose forward reads anything else, such as
+    window partitioning or a second input, has another forward and is refused), and
     ``sources`` the slot whose original drop path each gate stands for (default: its
     own; torchvision's Swin applies one drop-path module to both residuals)."""
 
@@ -119,6 +123,8 @@ class Family:
     slots: tuple
     check: Callable
     forward: Callable
+    names: frozenset  # what the blocks' own forward may read (its code's co_names)
+    args: frozenset = frozenset()  # extra forward arguments it may take after x
     sources: tuple = ()  # per slot, the original slot whose drop path it inherits
 
 
@@ -269,8 +275,9 @@ def _fwd_convnext(block, x):
 # norm, or Swin V2's cosine attention with ``logit_scale``).
 
 # extra forward arguments that carry one row per sample (gathered in row mode), by the
-# number of dimensions they have then: attention masks [N, heads, L, S], ROPE [N, L, D]
-_ROW_ARGS = {"attn_mask": 4, "rope": 3}
+# number of dimensions they have then: attention masks [N, heads, L, S], per-sample ROPE
+# [N, heads or 1, L, D] (timm's shared ROPE is [L, D], per head [heads, L, D])
+_ROW_ARGS = {"attn_mask": 4, "rope": 4}
 
 
 def _post_norm(m) -> bool:
@@ -284,8 +291,7 @@ def _layer_scales(m):
     out = []
     for ls, gamma in (("ls1", "gamma_1"), ("ls2", "gamma_2")):
         mod = _identity_or(_child(m, ls))
-        g = m._parameters.get(gamma) if hasattr(m, gamma) else None
-        out.append(mod if mod is not None else (None if g is None else g))
+        out.append(mod if mod is not None else getattr(m, gamma, None))
     return out
 
 
@@ -297,9 +303,10 @@ def _check_transformer(m, slots=("drop_path1", "drop_path2")):
         return None
     if _post_norm(m) and any(s is not None for s in _layer_scales(m)):
         return "post-norm transformer block with layer scale: order of norm and scale unknown"
-    for n in ("gamma_1", "gamma_2"):  # a gamma that is neither a parameter nor None
-        if n in m.__dict__ and m.__dict__[n] is not None:
-            return f"{n} is not a parameter"
+    for n in ("gamma_1", "gamma_2"):
+        g = getattr(m, n, None)
+        if g is not None and not isinstance(g, torch.Tensor):
+            return f"{n} is not a tensor"
     return ""
 
 
@@ -439,38 +446,79 @@ def _fwd_tv_regnet(block, x):
         params=_params(block, ("f",))))
 
 
+# What each family's blocks read in their own forward (co_names of timm 1.0 and
+# torchvision 0.29's forwards; tests/test_families.py checks them against the packages).
+_N_TIMM_RESNET = frozenset({"aa", "act1", "act2", "act3", "bn1", "bn2", "bn3", "conv1", "conv2",
+                            "conv3", "downsample", "drop_block", "drop_path", "se"})
+_N_SK = frozenset({"act", "conv1", "conv2", "conv3", "downsample", "drop_path", "se"})
+_N_PREACT = frozenset({"conv1", "conv2", "conv3", "downsample", "drop_path", "norm1", "norm2",
+                       "norm3"})
+_N_V2 = _N_PREACT | {"act3"}
+_N_REGNET = frozenset({"act3", "conv1", "conv2", "conv3", "downsample", "drop_path", "se"})
+_N_REGNET_PRE = _N_PREACT | {"se"}
+_N_CONVNEXT = frozenset({"conv_dw", "drop_path", "gamma", "mlp", "mul", "norm", "permute",
+                         "reshape", "shortcut", "use_conv_mlp"})
+_N_TRANSFORMER = frozenset({"_attn", "attn", "drop_path1", "drop_path2", "gamma_1", "gamma_2",
+                            "ls1", "ls2", "mlp", "norm1", "norm2", "reshape", "shape",
+                            "stochastic_depth"})
+_A_TRANSFORMER = frozenset({"attn_mask", "is_causal", "rope", "shared_rel_pos_bias"})
+_N_TV_VIT = frozenset({"_assert", "dim", "dropout", "ln_1", "ln_2", "mlp", "self_attention",
+                       "shape", "torch"})
+_N_IR = frozenset({"aa", "bn1", "bn2", "bn3", "bn_s2d", "conv", "conv_dw", "conv_exp", "conv_pw",
+                   "conv_pwl", "conv_s2d", "drop_path", "has_skip", "se"})
+_N_TV_BLOCK = frozenset({"block", "layer_scale", "stochastic_depth", "use_res_connect"})
+_N_TV_REGNET = frozenset({"activation", "f", "proj"})
+
 FAMILIES = (
     Family("timm ResNet block (SE/attention/anti-aliasing)", ("drop_path",),
-           _check_timm_resnet, _fwd_timm_resnet),
-    Family("timm SelectiveKernel block", ("drop_path",), _check_sk, _fwd_sk),
-    Family("timm ResNetV2 pre-activation block", ("drop_path",), _check_preact, _fwd_preact),
+           _check_timm_resnet, _fwd_timm_resnet, _N_TIMM_RESNET),
+    Family("timm SelectiveKernel block", ("drop_path",), _check_sk, _fwd_sk, _N_SK),
+    Family("timm ResNetV2 pre-activation block", ("drop_path",), _check_preact, _fwd_preact, _N_PREACT),
     Family("timm ResNetV2 bottleneck", ("drop_path",), _check_v2_bottleneck,
-           _fwd_v2_bottleneck),
-    Family("timm RegNet block", ("drop_path",), _check_regnet, _fwd_regnet),
+           _fwd_v2_bottleneck, _N_V2),
+    Family("timm RegNet block", ("drop_path",), _check_regnet, _fwd_regnet, _N_REGNET),
     Family("timm RegNet pre-activation block", ("drop_path",), _check_regnet_pre,
-           _fwd_regnet_pre),
-    Family("timm ConvNeXt block", ("drop_path",), _check_convnext, _fwd_convnext),
+           _fwd_regnet_pre, _N_REGNET_PRE),
+    Family("timm ConvNeXt block", ("drop_path",), _check_convnext, _fwd_convnext, _N_CONVNEXT),
     Family("transformer block (timm ViT/DeiT/BEiT/EVA/Swin)", ("drop_path1", "drop_path2"),
-           _check_transformer, _fwd_transformer),
+           _check_transformer, _fwd_transformer, _N_TRANSFORMER, _A_TRANSFORMER),
     Family("torchvision Swin block", ("stochastic_depth", "stochastic_depth2"),
-           _check_tv_swin, _fwd_tv_swin, sources=("stochastic_depth", "stochastic_depth")),
+           _check_tv_swin, _fwd_tv_swin, _N_TRANSFORMER,
+           sources=("stochastic_depth", "stochastic_depth")),
     Family("torchvision ViT encoder block", ("drop_path1", "drop_path2"), _check_tv_vit,
-           _fwd_tv_vit),
+           _fwd_tv_vit, _N_TV_VIT),
     Family("timm inverted residual", ("drop_path",),
            _check_skip_block(("conv_pw", "bn1", "conv_dw", "bn2", "conv_pwl", "bn3"), _IR),
-           _fwd_skip_block(_IR)),
+           _fwd_skip_block(_IR), _N_IR),
     Family("timm depthwise-separable block", ("drop_path",),
-           _check_skip_block(("conv_dw", "bn1", "conv_pw", "bn2"), _DS), _fwd_skip_block(_DS)),
+           _check_skip_block(("conv_dw", "bn1", "conv_pw", "bn2"), _DS), _fwd_skip_block(_DS),
+           _N_IR),
     Family("timm edge residual", ("drop_path",),
            _check_skip_block(("conv_exp", "bn1", "conv_pwl", "bn2"), _EDGE),
-           _fwd_skip_block(_EDGE)),
+           _fwd_skip_block(_EDGE), _N_IR),
     Family("timm ConvBnAct", ("drop_path",), _check_skip_block(("conv", "bn1"), _CBA),
-           _fwd_skip_block(_CBA)),
+           _fwd_skip_block(_CBA), _N_IR),
     Family("torchvision ConvNeXt / EfficientNet block", ("stochastic_depth",),
-           _check_tv_block, _fwd_tv_block),
-    Family("torchvision RegNet block", ("drop_path",), _check_tv_regnet, _fwd_tv_regnet),
+           _check_tv_block, _fwd_tv_block, _N_TV_BLOCK),
+    Family("torchvision RegNet block", ("drop_path",), _check_tv_regnet, _fwd_tv_regnet, _N_TV_REGNET),
 )
 _BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def _other_forward(m: nn.Module, fam: Family) -> str:
+    """"" when ``m``'s own forward reads and takes only what ``fam``'s gated forward
+    reproduces, else why not (a look-alike with the same children and another forward:
+    windowed attention, a class-token update, a second input)."""
+    code = getattr(getattr(type(m), "forward", None), "__code__", None)
+    if code is None:
+        return "its forward is not Python code to check"
+    extra = sorted(set(code.co_names) - fam.names)
+    args = sorted(set(code.co_varnames[2:code.co_argcount + code.co_kwonlyargcount])
+                  - fam.args)
+    if extra or args:
+        return (f"its forward reads {extra + args}, which the gated forward of this layout "
+                "does not reproduce")
+    return ""
 
 
 def looks_residual(m: nn.Module) -> bool:
@@ -489,6 +537,8 @@ def recognise(m: nn.Module):
     reasons = []
     for fam in FAMILIES:
         verdict = fam.check(m)
+        if verdict == "":
+            verdict = _other_forward(m, fam)
         if verdict is None:
             continue
         if verdict in ("", SKIP):
@@ -553,10 +603,10 @@ def to_gated(block: nn.Module, family: Family) -> nn.Module:
     block._sd_order = list(mods)
     gates = {s: ResidualGate().train(block.training) for s in family.slots}
     # the shortcut's BatchNorm runs on every row; the branch's on the survivors
-    if branch_has_batchnorm(c for n, c in mods.items()
-                            if n not in ("downsample", "shortcut", "proj")):
-        for g in gates.values():
-            g.min_rows = 2
+    bn = branch_has_batchnorm(c for n, c in mods.items()
+                              if n not in ("downsample", "shortcut", "proj"))
+    for g in gates.values():
+        g.min_rows, g.per_sample_branch = (2, False) if bn else (1, True)
     items = [(n, gates.pop(n) if n in gates else m) for n, m in mods.items()]
     mods.clear()
     mods.update(items + list(gates.items()))
@@ -571,6 +621,9 @@ def to_gated(block: nn.Module, family: Family) -> nn.Module:
 def revert_block(block: GatedBlock) -> nn.Module:
     """Undo :func:`to_gated` in place: the original class and drop-path modules."""
     mods = dict(block._modules)
+    for m in block._sd_saved.values():  # model.train()/eval() did not reach them
+        if isinstance(m, nn.Module):
+            m.train(block.training)
     mods.update(block._sd_saved)
     block._modules.clear()
     block._modules.update((n, mods[n]) for n in block._sd_order if n in mods)

@@ -8,7 +8,9 @@ probability, mode, scaling, generator, last gate) and applies the rule to a
   (and ``post``) only: nothing of the branch runs, no autograd node is made for it.
 * training, ``mode="row"``: one gate per sample; the branch runs on the surviving rows
   only (gathered in the input's memory layout) and its output is added into theirs with
-  ``index_add_`` on a copy of the shortcut. A BatchNorm inside the branch therefore normalises with the survivors'
+  ``index_add_`` on a copy of the shortcut. A per-sample branch (no BatchNorm) with
+  fewer than ``gather_min_drop`` of its rows dropped is multiplied by the mask instead:
+  the same result, cheaper than gathering. A BatchNorm inside the branch therefore normalises with the survivors'
   statistics; LayerNorm and GroupNorm are per sample and give exactly what a full batch
   gives on those rows.
 * eval: ``post(shortcut(x) + p * f(x))`` for ``scaling="test"`` (the paper),
@@ -44,9 +46,10 @@ __all__ = ["GatedResidual", "Residual", "decide", "StochasticDepth", "ResidualGa
 
 MODES = ("batch", "row")
 #: Default ``gather_min_drop``: the dropped fraction of a mini-batch from which row mode
-#: gathers the survivors. Measured on the 2-core CPU (ViT-Tiny, batch 32; see
-#: benchmarks/RESULTS.md): gathering and scattering one residual's rows costs about 4%
-#: of that residual's time, so dropping fewer than 1 row in 16 does not pay for it.
+#: gathers the survivors of a per-sample branch. On the 2-core CPU (ViT-Tiny, batch 32;
+#: benchmarks/RESULTS.md) gathering and scattering one residual's rows cost about 3% of
+#: its time, and its kernels run less efficiently on fewer rows; 1/16 keeps the one-row
+#: drops of a batch of 32 (the common case at drop rates <= 0.1) masked.
 GATHER_MIN_DROP = 1 / 16
 SCALINGS = ("test", "train")
 DROPPED_GRADS = ("auto", "zeros", "none")
@@ -208,11 +211,12 @@ class GatedResidual(nn.Module):
         # Row mode runs the branch on at least this many rows (2 for a branch with
         # BatchNorm, see draw); with fewer survivors the step is computed masked.
         self.min_rows = 1
-        # Row mode gathers the survivors only when at least this fraction of the rows is
-        # dropped: below it the gather/scatter costs more than the rows it saves, and
-        # the step multiplies by the mask as timm does (design §2). Branches with
-        # BatchNorm always gather (min_rows permitting): their statistics must be the
-        # survivors'.
+        # Whether the branch treats every sample on its own (no BatchNorm): then row mode
+        # may multiply by the mask instead of gathering, with the same result, when fewer
+        # than gather_min_drop of the rows are dropped (the gather and scatter would cost
+        # more than the rows they save, design §2). A branch with BatchNorm always
+        # gathers: its statistics must be the survivors'.
+        self.per_sample_branch = False
         self.gather_min_drop = GATHER_MIN_DROP
 
     def __setstate__(self, state):
@@ -220,6 +224,7 @@ class GatedResidual(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("_gate_key", None)
         self.__dict__.setdefault("min_rows", 1)
+        self.__dict__.setdefault("per_sample_branch", False)
         self.__dict__.setdefault("gather_min_drop", GATHER_MIN_DROP)
 
     # -- settable, validated attributes (users inspect and anneal them) ---------------
@@ -329,7 +334,7 @@ class GatedResidual(nn.Module):
             # runs the branch on the whole batch, masked, as the naive implementation does.
             _warn_masked_once(self)
             return "mask", s, g
-        if self.min_rows == 1 and rows - n < self.gather_min_drop * rows:
+        if self.per_sample_branch and rows - n < self.gather_min_drop * rows:
             return "mask", s, g  # per-sample norms: the same result, the cheaper way
         # a new survivor count reuses the compiled graph instead of compiling one per count
         torch._dynamo.decorators.mark_unbacked(idx, 0)
@@ -412,7 +417,8 @@ class StochasticDepth(GatedResidual):
         self.shortcut = shortcut
         self.activation = activation
         self._init_gate(survival_prob, mode, scaling, gate_generator, dropped_grads, drop_impl)
-        self.min_rows = 2 if branch_has_batchnorm([branch]) else 1
+        bn = branch_has_batchnorm([branch])
+        self.min_rows, self.per_sample_branch = (2, False) if bn else (1, True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sc = self.shortcut

@@ -289,6 +289,61 @@ def test_family_converted_in_eval_mode_stays_in_eval_mode():
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
+class _DropPath(nn.Module):
+    """timm's DropPath contract (drop_prob, scale_by_keep), without its randomness."""
+
+    def __init__(self, p=0.1):
+        super().__init__()
+        self.drop_prob, self.scale_by_keep = p, True
+
+    def forward(self, x):
+        return x
+
+
+class _ViTBlock(nn.Module):
+    """timm's pre-norm ViT Block layout and forward, small."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), nn.Linear(dim, dim)
+        self.ls1, self.drop_path1 = nn.Identity(), _DropPath()
+        self.norm2, self.mlp = nn.LayerNorm(dim), nn.Linear(dim, dim)
+        self.ls2, self.drop_path2 = nn.Identity(), _DropPath()
+
+    def forward(self, x):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class _WindowedBlock(_ViTBlock):
+    """The same children, another forward (windowed attention, as timm's SAM blocks)."""
+
+    window_size = 2
+
+    def forward(self, x):
+        n, length, c = x.shape
+        w = x.reshape(n * length // self.window_size, self.window_size, c)
+        x = x + self.drop_path1(self.attn(self.norm1(w)).reshape(n, length, c))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def test_same_children_other_forward_is_refused():
+    model = nn.Sequential(_ViTBlock(), _WindowedBlock())
+    with pytest.raises(ValueError, match=r"'1'.*_WindowedBlock.*window_size"):
+        sdkernels.convert(model)
+    assert type(model[1]) is _WindowedBlock  # refused before anything was converted
+
+
+def test_revert_restores_drop_paths_in_the_model_mode():
+    model = nn.Sequential(_ViTBlock(), _ViTBlock())
+    originals = [model[0].drop_path1, model[1].drop_path2]
+    sdkernels.convert(model, schedule="keep")
+    model.eval()  # after conversion: does not reach the stashed drop paths
+    sdkernels.revert(model)
+    assert model[0].drop_path1 is originals[0] and model[1].drop_path2 is originals[1]
+    assert not any(m.training for m in model.modules())
+
+
 def test_no_residual_blocks_is_an_error():
     with pytest.raises(ValueError, match="no residual blocks.*Sequential"):
         sdkernels.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))

@@ -303,6 +303,12 @@ def test_training_step_skips_dropped_work(spec, mode):
             elif kept == batch:
                 assert rec == [full[id(gate)]]
                 seen["active"] += 1
+            elif kept < gate.min_rows or (
+                    gate.per_sample_branch and batch - kept < gate.gather_min_drop * batch):
+                # masked on every row: a BatchNorm branch with one survivor, or too few
+                # rows dropped to pay for a gather (GatedResidual.draw)
+                assert rec == [full[id(gate)]]
+                seen["masked"] = seen.get("masked", 0) + 1
             else:
                 # the branch ran once, on the surviving rows only
                 assert rec == [full[id(gate)] * kept // batch], (rec, full[id(gate)], kept)
@@ -692,3 +698,61 @@ def test_keep_without_scale_by_keep_is_refused():
     assert not residual_blocks(model) or not any(
         isinstance(b, GatedBlock) for _, b in residual_blocks(model))
     sdkernels.convert(model, schedule="keep", scaling="test")  # an explicit choice converts
+
+
+def _forward_reads(cls):
+    code = cls.forward.__code__
+    return set(code.co_names), set(code.co_varnames[2:code.co_argcount + code.co_kwonlyargcount])
+
+
+def test_family_forward_names_cover_the_packages_blocks():
+    """Each family's ``names``/``args`` (what a block's own forward may read) cover the
+    real timm / torchvision classes it converts: a package update that makes a forward
+    read something new is refused by convert, and shows up here first."""
+    from timm.models import (_efficientnet_blocks as eb, beit, convnext, eva, regnet, resnet,
+                             resnetv2, sknet, swin_transformer as sw,
+                             swin_transformer_v2 as sw2, vision_transformer as vt)
+    import torchvision.models.convnext as tv_convnext
+    import torchvision.models.efficientnet as tv_eff
+    import torchvision.models.regnet as tv_regnet
+    import torchvision.models.swin_transformer as tv_swin
+    import torchvision.models.vision_transformer as tv_vit
+    from sdkernels.families import FAMILIES
+    by_name = {f.name: f for f in FAMILIES}
+    classes = {
+        "timm ResNet block (SE/attention/anti-aliasing)": [resnet.BasicBlock, resnet.Bottleneck],
+        "timm SelectiveKernel block": [sknet.SelectiveKernelBasic, sknet.SelectiveKernelBottleneck],
+        "timm ResNetV2 pre-activation block": [resnetv2.PreActBasic, resnetv2.PreActBottleneck],
+        "timm ResNetV2 bottleneck": [resnetv2.Bottleneck],
+        "timm RegNet block": [regnet.Bottleneck],
+        "timm RegNet pre-activation block": [regnet.PreBottleneck],
+        "timm ConvNeXt block": [convnext.ConvNeXtBlock],
+        "transformer block (timm ViT/DeiT/BEiT/EVA/Swin)": [
+            vt.Block, vt.ResPostBlock, beit.Block, eva.EvaBlock, eva.EvaBlockPostNorm,
+            sw.SwinTransformerBlock, sw2.SwinTransformerV2Block],
+        "torchvision Swin block": [tv_swin.SwinTransformerBlock, tv_swin.SwinTransformerBlockV2],
+        "torchvision ViT encoder block": [tv_vit.EncoderBlock],
+        "timm inverted residual": [eb.InvertedResidual],
+        "timm depthwise-separable block": [eb.DepthwiseSeparableConv],
+        "timm edge residual": [eb.EdgeResidual],
+        "timm ConvBnAct": [eb.ConvBnAct],
+        "torchvision ConvNeXt / EfficientNet block": [tv_convnext.CNBlock, tv_eff.MBConv,
+                                                      tv_eff.FusedMBConv],
+        "torchvision RegNet block": [tv_regnet.ResBottleneckBlock],
+    }
+    assert set(classes) == set(by_name)
+    for name, clss in classes.items():
+        for cls in clss:
+            reads, args = _forward_reads(cls)
+            assert reads <= by_name[name].names, (name, cls, reads - by_name[name].names)
+            assert args <= by_name[name].args, (name, cls, args - by_name[name].args)
+
+
+def test_timm_lookalike_transformer_blocks_are_refused():
+    """timm blocks with a ViT block's children but another forward (windowed attention,
+    a second input) are refused, naming the module, instead of converted wrongly."""
+    from timm.models import pvt_v2, vision_transformer_sam as sam
+    for block in (sam.Block(16, 2, window_size=2), pvt_v2.Block(16, 2)):
+        model = torch.nn.Sequential(block)
+        with pytest.raises(ValueError, match=rf"'0'.*{type(block).__name__}.*does not reproduce"):
+            sdkernels.convert(model)

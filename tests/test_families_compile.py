@@ -131,8 +131,7 @@ class _Twins:
         self._inputs = {}
         for i, (_, b) in enumerate(blocks):
             b.register_forward_pre_hook(
-                lambda m, args, i=i: self._inputs.__setitem__(
-                    i, (tuple(args[0].shape[1:]), args[0].stride())))
+                lambda m, args, i=i: self._inputs.__setitem__(i, _layout(args[0])))
         self._slots = [(i, s) for i, (_, b) in enumerate(blocks) for s in range(len(gates_of(b)))]
 
     def step(self, step: int):
@@ -172,6 +171,13 @@ class _Twins:
         """Every (block input, residual) seen so far has been seen on every gate path."""
         return all((inp, slot, p) in self.seen for inp, slot in self.sites()
                    for p in PATHS[mode])
+
+
+def _layout(t):
+    """A block input as compiled code can tell inputs apart: shape without the batch and
+    the strides of the dimensions longer than 1 (a size-1 dimension's stride says
+    nothing about the layout)."""
+    return tuple(t.shape[1:]), tuple(st for n, st in zip(t.shape, t.stride()) if n > 1)
 
 
 def _train_compiled(arch, mode, batch, *, min_warm=6, max_warm=80, after=8):

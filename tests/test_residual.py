@@ -283,6 +283,24 @@ def test_resnet_blocks_are_the_special_case():
     assert torch.equal(out[1], x[1])
 
 
+def test_resnet_block_row_mode_always_gathers_for_survivor_statistics():
+    """A BatchNorm branch gathers however few rows drop: its statistics are the
+    survivors' (a masked step would normalise over the whole batch)."""
+    keep = [True] * 31 + [False]
+    torch.manual_seed(0)
+    b = sdkernels.BasicBlock(4, 4, survival_prob=0.9, mode="row",
+                             gate_generator=RowPattern(keep)).to(DT)
+    ref = copy.deepcopy(b)
+    x = torch.rand(32, 4, 5, 5, dtype=DT)
+    with sdkernels.use_backend("reference"):
+        out = b(x)
+    k = torch.tensor(keep)
+    with torch.no_grad():
+        y = ref.bn2(ref.conv2(ref.relu(ref.bn1(ref.conv1(x[k])))))
+    torch.testing.assert_close(out[k], torch.relu(x[k] + y), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(b.bn1.running_mean, ref.bn1.running_mean, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile")
 def test_compiled_row_mode_gates_live_and_recompiles_bounded():
     from torch._dynamo.utils import counters

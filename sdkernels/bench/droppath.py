@@ -483,6 +483,7 @@ def run(cfg: DropPathConfig, log: Callable[[str], object] = lambda s: None) -> d
             rec["models"][name] = run_model(name, cfg, log)
     finally:
         torch.set_num_threads(old_threads)
+        torch.set_flush_denormal(False)  # torch's default; not left on for the caller
     rec["targets"] = check_targets(rec)
     rec["wall_time_s"] = time.perf_counter() - t0
     rec["notes"] = [
