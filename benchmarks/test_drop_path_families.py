@@ -109,3 +109,25 @@ def test_drop_path_vs_timm(benchmark, net_settings, capsys, tmp_path, model):
     assert not failed, "must-show targets missed:\n" + "\n".join(
         f"  {t['model']} {t['mode']} at drop_path_rate {t['rate']:g}: {t['what']} "
         f"(got {t['value']:.3f})" for t in failed)
+
+
+@pytest.mark.slow
+def test_row_scaling_tool(net_settings, capsys):
+    """``python -m sdkernels.bench.rowscaling``: a row step with every residual keeping
+    exactly k rows, against the linear prediction. No target: it is the diagnostic behind
+    the row-mode gap in benchmarks/RESULTS.md; this checks it runs and measures what it
+    says (every residual of a k=K variant kept K rows)."""
+    from sdkernels.bench.rowscaling import format_record, measure
+    timing = net_settings.timing
+    kw = ({"rounds": 8} if timing else
+          {"rounds": 1, "depth": 1, "image_size": 32, "batch": 8, "threads": 1})
+    keeps = [29, 16] if timing else [6, 3]
+    rec = measure("vit_tiny_patch16_224", keeps, profile=True, **kw)
+    with capsys.disabled():
+        print("\n" + format_record(rec))
+    assert rec["kept"]["all"] == {rec["batch"]} and rec["kept"]["none"] == {0}
+    for k in keeps:
+        assert rec["kept"][f"k={k}"] == {k}
+    for row in rec["rows"]:
+        assert math.isfinite(row["over_linear"]) and row["ms"] > 0
+    assert set(rec["profile"]) == {"all", "none", *keeps}

@@ -28,7 +28,7 @@ from . import layers, ops
 from .gates import GateGenerator
 from .ops import reference
 from .residual import (DROP_IMPLS, DROPPED_GRADS, MODES, SCALINGS, GatedResidual, decide,
-                       gather_rows)
+                       copy_rows, gather_rows)
 
 __all__ = ["StochasticDepthBlock", "BasicBlock", "Bottleneck", "MODES", "SCALINGS",
            "DROPPED_GRADS", "DROP_IMPLS"]
@@ -106,8 +106,7 @@ class StochasticDepthBlock(GatedResidual):
                                self._fold_cache,
                                None if layers.is_identity(m) else gather_rows(sc, idx))
         base = sc if layers.is_identity(m) else torch.relu(sc)
-        # a copy of our own (same memory layout; out-of-place index_copy would be NCHW)
-        return base.clone().index_copy_(0, idx, t.to(base.dtype))
+        return copy_rows(base, idx, t.to(base.dtype))
 
     def _mask_forward(self, x, r, keep: torch.Tensor, gate_scale):
         # torchvision / timm: compute everything, then multiply by the mask.

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import families
 from .blocks import BasicBlock, Bottleneck, StochasticDepthBlock
-from .families import GatedBlock
+from .families import ConvertedBlock
 from .gates import GateGenerator
 from .residual import DROP_IMPLS, DROPPED_GRADS, MODES, SCALINGS, GatedResidual, _choice
 from .schedule import check_prob, survival_probs
@@ -90,7 +90,7 @@ def _classify(m: nn.Module):
     """How ``m`` converts: ("converted", None), ("resnet", None) for the fused blocks,
     ("family", Family), ("skip", None) for a known block without a residual, ("error",
     why), or (None, None) for a module that is not a block (recurse into it)."""
-    if isinstance(m, (StochasticDepthBlock, GatedBlock)):
+    if isinstance(m, (StochasticDepthBlock, ConvertedBlock)):
         return "converted", None
     why = None
     if _looks_like_block(m):
@@ -137,7 +137,7 @@ def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def gates_of(block: nn.Module) -> list[GatedResidual]:
     """The gates of a converted block, in forward order (a ResNet block is its own)."""
-    return block.sd_gates() if isinstance(block, GatedBlock) else [block]
+    return block.sd_gates() if isinstance(block, ConvertedBlock) else [block]
 
 
 def _to_stochastic(block: nn.Module) -> StochasticDepthBlock:
@@ -176,7 +176,7 @@ def _set_child(model: nn.Module, qual: str, new: nn.Module) -> None:
 def _original_drop_paths(block: nn.Module, kind: str, fam) -> list:
     """Per gate of ``block`` (converted or about to be), the drop-path module of the
     original model it stands for (None where there was none)."""
-    if isinstance(block, GatedBlock):
+    if isinstance(block, ConvertedBlock):
         return block.sd_original_drop_paths()
     if kind == "family":
         return [block._modules.get(src, getattr(block, src, None))
@@ -279,14 +279,14 @@ def revert(model: nn.Module, inplace: bool = True) -> nn.Module:
         raise TypeError(f"revert expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, StochasticDepthBlock):
         return (model if inplace else copy.deepcopy(model)).to_plain()
-    if isinstance(model, GatedBlock):
+    if isinstance(model, ConvertedBlock):
         return families.revert_block(model if inplace else copy.deepcopy(model))
     if not inplace:
         model = copy.deepcopy(model)
     found = [(q, m) for q, m in model.named_modules()
-             if isinstance(m, (StochasticDepthBlock, GatedBlock))]
+             if isinstance(m, (StochasticDepthBlock, ConvertedBlock))]
     for qual, block in found:
-        if isinstance(block, GatedBlock):
+        if isinstance(block, ConvertedBlock):
             families.revert_block(block)
         else:
             _set_child(model, qual, block.to_plain())

@@ -11,7 +11,7 @@ slot of its drop path: ``drop_path``, ``drop_path1``/``drop_path2``,
 forward runs with those residuals gated (:class:`sdkernels.residual.Residual`).
 
 Conversion is in place and keeps the block object: its class becomes a subclass of its
-own class and :class:`GatedBlock` (the pattern FSDP2's ``fully_shard`` uses), so
+own class and :class:`ConvertedBlock` (the pattern FSDP2's ``fully_shard`` uses), so
 parameters, buffers, hooks, every method of the original class (Swin's
 ``set_input_size``, timm's feature extraction) and ``isinstance`` checks keep working,
 and the state_dict keys are unchanged (a gate holds no state). :func:`revert_block`
@@ -32,7 +32,7 @@ from torch import nn
 
 from .residual import Residual, ResidualGate, branch_has_batchnorm, decide
 
-__all__ = ["Family", "FAMILIES", "GatedBlock", "recognise", "to_gated", "revert_block",
+__all__ = ["Family", "FAMILIES", "ConvertedBlock", "recognise", "to_gated", "revert_block",
            "looks_residual", "drop_path_rate", "SKIP"]
 
 #: :func:`recognise` result for a block of a known family that has no residual in this
@@ -117,7 +117,8 @@ class Family:
     reproduces those forwards; a block whose forward reads anything else, such as
     window partitioning or a second input, has another forward and is refused), and
     ``sources`` the slot whose original drop path each gate stands for (default: its
-    own; torchvision's Swin applies one drop-path module to both residuals)."""
+    own; torchvision's Swin applies one drop-path module to both residuals), ``key``
+    the stable id a converted block stores (``name`` is for messages and may change)."""
 
     name: str
     slots: tuple
@@ -126,6 +127,7 @@ class Family:
     names: frozenset  # what the blocks' own forward may read (its code's co_names)
     args: frozenset = frozenset()  # extra forward arguments it may take after x
     sources: tuple = ()  # per slot, the original slot whose drop path it inherits
+    key: str = ""  # stable id stored in converted blocks (and their pickles)
 
 
 def _children(m) -> set:
@@ -471,38 +473,51 @@ _N_TV_REGNET = frozenset({"activation", "f", "proj"})
 
 FAMILIES = (
     Family("timm ResNet block (SE/attention/anti-aliasing)", ("drop_path",),
-           _check_timm_resnet, _fwd_timm_resnet, _N_TIMM_RESNET),
-    Family("timm SelectiveKernel block", ("drop_path",), _check_sk, _fwd_sk, _N_SK),
-    Family("timm ResNetV2 pre-activation block", ("drop_path",), _check_preact, _fwd_preact, _N_PREACT),
+           _check_timm_resnet, _fwd_timm_resnet, _N_TIMM_RESNET, key="timm.resnet"),
+    Family("timm SelectiveKernel block", ("drop_path",), _check_sk, _fwd_sk, _N_SK,
+           key="timm.selective_kernel"),
+    Family("timm ResNetV2 pre-activation block", ("drop_path",), _check_preact, _fwd_preact,
+           _N_PREACT, key="timm.resnetv2_preact"),
     Family("timm ResNetV2 bottleneck", ("drop_path",), _check_v2_bottleneck,
-           _fwd_v2_bottleneck, _N_V2),
-    Family("timm RegNet block", ("drop_path",), _check_regnet, _fwd_regnet, _N_REGNET),
+           _fwd_v2_bottleneck, _N_V2, key="timm.resnetv2_bottleneck"),
+    Family("timm RegNet block", ("drop_path",), _check_regnet, _fwd_regnet, _N_REGNET,
+           key="timm.regnet"),
     Family("timm RegNet pre-activation block", ("drop_path",), _check_regnet_pre,
-           _fwd_regnet_pre, _N_REGNET_PRE),
-    Family("timm ConvNeXt block", ("drop_path",), _check_convnext, _fwd_convnext, _N_CONVNEXT),
+           _fwd_regnet_pre, _N_REGNET_PRE, key="timm.regnet_preact"),
+    Family("timm ConvNeXt block", ("drop_path",), _check_convnext, _fwd_convnext, _N_CONVNEXT,
+           key="timm.convnext"),
     Family("transformer block (timm ViT/DeiT/BEiT/EVA/Swin)", ("drop_path1", "drop_path2"),
-           _check_transformer, _fwd_transformer, _N_TRANSFORMER, _A_TRANSFORMER),
+           _check_transformer, _fwd_transformer, _N_TRANSFORMER, _A_TRANSFORMER,
+           key="transformer"),
     Family("torchvision Swin block", ("stochastic_depth", "stochastic_depth2"),
            _check_tv_swin, _fwd_tv_swin, _N_TRANSFORMER,
-           sources=("stochastic_depth", "stochastic_depth")),
+           sources=("stochastic_depth", "stochastic_depth"), key="torchvision.swin"),
     Family("torchvision ViT encoder block", ("drop_path1", "drop_path2"), _check_tv_vit,
-           _fwd_tv_vit, _N_TV_VIT),
+           _fwd_tv_vit, _N_TV_VIT, key="torchvision.vit"),
     Family("timm inverted residual", ("drop_path",),
            _check_skip_block(("conv_pw", "bn1", "conv_dw", "bn2", "conv_pwl", "bn3"), _IR),
-           _fwd_skip_block(_IR), _N_IR),
+           _fwd_skip_block(_IR), _N_IR, key="timm.inverted_residual"),
     Family("timm depthwise-separable block", ("drop_path",),
            _check_skip_block(("conv_dw", "bn1", "conv_pw", "bn2"), _DS), _fwd_skip_block(_DS),
-           _N_IR),
+           _N_IR, key="timm.depthwise_separable"),
     Family("timm edge residual", ("drop_path",),
            _check_skip_block(("conv_exp", "bn1", "conv_pwl", "bn2"), _EDGE),
-           _fwd_skip_block(_EDGE), _N_IR),
+           _fwd_skip_block(_EDGE), _N_IR, key="timm.edge_residual"),
     Family("timm ConvBnAct", ("drop_path",), _check_skip_block(("conv", "bn1"), _CBA),
-           _fwd_skip_block(_CBA), _N_IR),
+           _fwd_skip_block(_CBA), _N_IR, key="timm.conv_bn_act"),
     Family("torchvision ConvNeXt / EfficientNet block", ("stochastic_depth",),
-           _check_tv_block, _fwd_tv_block, _N_TV_BLOCK),
-    Family("torchvision RegNet block", ("drop_path",), _check_tv_regnet, _fwd_tv_regnet, _N_TV_REGNET),
+           _check_tv_block, _fwd_tv_block, _N_TV_BLOCK, key="torchvision.block"),
+    Family("torchvision RegNet block", ("drop_path",), _check_tv_regnet, _fwd_tv_regnet,
+           _N_TV_REGNET, key="torchvision.regnet"),
 )
-_BY_NAME = {f.name: f for f in FAMILIES}
+_BY_KEY = {f.key: f for f in FAMILIES}
+assert len(_BY_KEY) == len(FAMILIES)
+
+
+def _family(key: str) -> Family:
+    # blocks pickled before families had keys name them by their display name
+    fam = _BY_KEY.get(key)
+    return fam if fam is not None else next(f for f in FAMILIES if f.name == key)
 
 
 def _other_forward(m: nn.Module, fam: Family) -> str:
@@ -525,7 +540,7 @@ def looks_residual(m: nn.Module) -> bool:
     """Whether ``m`` carries a drop path (a timm ``DropPath``, a torchvision
     ``StochasticDepth``, or a child slot named like one): a residual block that must
     convert exactly or be refused."""
-    return isinstance(m, GatedBlock) or any(
+    return isinstance(m, ConvertedBlock) or any(
         _is_drop_path(c) or n.startswith(("drop_path", "stochastic_depth"))
         for n, c in m._modules.items())
 
@@ -554,20 +569,20 @@ def recognise(m: nn.Module):
 
 # -- the class swap ---------------------------------------------------------------------
 
-class GatedBlock:
+class ConvertedBlock:
     """Mixin of converted blocks: ``forward`` runs the family's gated forward; the rest
     of the class is the block's own."""
 
     def forward(self, *args, **kwargs):
-        return _BY_NAME[self._sd_family].forward(self, *args, **kwargs)
+        return _family(self._sd_family).forward(self, *args, **kwargs)
 
     def sd_gates(self) -> list:
         """The gates of this block's residuals, in forward order."""
-        return [self._modules[s] for s in _BY_NAME[self._sd_family].slots]
+        return [self._modules[s] for s in _family(self._sd_family).slots]
 
     def sd_original_drop_paths(self) -> list:
         """Per gate, the drop-path module it replaced (None where there was none)."""
-        fam = _BY_NAME[self._sd_family]
+        fam = _family(self._sd_family)
         return [self._sd_saved.get(src) for src in (fam.sources or fam.slots)]
 
     def __reduce_ex__(self, protocol):
@@ -582,7 +597,7 @@ _CLASSES: dict = {}
 def _gated_class(base: type) -> type:
     cls = _CLASSES.get(base)
     if cls is None:
-        cls = type(f"Gated{base.__name__}", (GatedBlock, base), {
+        cls = type(f"Gated{base.__name__}", (ConvertedBlock, base), {
             "__module__": __name__, "__qualname__": f"Gated{base.__qualname__}"})
         _CLASSES[base] = cls
     return cls
@@ -611,14 +626,14 @@ def to_gated(block: nn.Module, family: Family) -> nn.Module:
     mods.clear()
     mods.update(items + list(gates.items()))
     block._sd_base = type(block)
-    block._sd_family = family.name
+    block._sd_family = family.key
     block._sd_saved = saved
     block._sd_attrs = attrs
     block.__class__ = _gated_class(block._sd_base)
     return block
 
 
-def revert_block(block: GatedBlock) -> nn.Module:
+def revert_block(block: ConvertedBlock) -> nn.Module:
     """Undo :func:`to_gated` in place: the original class and drop-path modules."""
     mods = dict(block._modules)
     for m in block._sd_saved.values():  # model.train()/eval() did not reach them

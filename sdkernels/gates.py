@@ -8,7 +8,10 @@ run in a training step. They are drawn on the CPU from a ``torch.Generator`` hel
   on the host before any kernel of that block is launched);
 * the sequence is reproducible from a seed and does not shift when user code consumes
   the global RNG (data augmentation, dropout elsewhere);
-* every rank of a distributed job that uses the same seed draws the same gates;
+* every rank of a distributed job that uses the same seed draws the same step: the same
+  batch gates, and row gates for the global batch, of which each rank takes its own
+  rows (its rank's slice: ranks train different samples, and a sample's gate must not
+  repeat on every rank);
 * the state can be saved and restored for an exact resume.
 
 Draws and the host arithmetic on drawn gates (:func:`survivors`) run with PyTorch's
@@ -76,10 +79,13 @@ class _Step:
     """The gates of one training forward: a uniform matrix drawn once, and what each
     block took from it."""
 
-    __slots__ = ("uniforms", "gates", "asks")
+    __slots__ = ("uniforms", "gates", "asks", "rows", "offset")
 
-    def __init__(self, uniforms):
-        self.uniforms = uniforms  # [bound blocks, rows] CPU float tensor, or None
+    def __init__(self, uniforms, rows=1, offset=0):
+        # [bound blocks, rows x world size] CPU float tensor, or None; this rank's row
+        # gates are the columns offset:offset + rows
+        self.uniforms = uniforms
+        self.rows, self.offset = rows, offset
         self.gates: dict = {}     # block key -> bool (batch) or CPU bool tensor (rows)
         self.asks: dict = {}      # block key -> autograd sequence number at its ask
 
@@ -109,8 +115,9 @@ def _host():
 class GateGenerator:
     """A seedable host-side source of Bernoulli gates."""
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, shard: tuple[int, int] | None = None):
         self._gen = torch.Generator(device="cpu")
+        self.shard = shard
         if seed is None:
             self.initial_seed = self._gen.seed()  # non-deterministic seed from the OS
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -130,6 +137,31 @@ class GateGenerator:
                           or cls.rows is not GateGenerator.rows)
 
     _own_draws = False
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """``(rank, world_size)`` whose rows this process's row gates are, or None: the
+        default process group's (``(0, 1)`` without one). Set it to reproduce a rank's
+        gates in a single process."""
+        return self._shard
+
+    @shard.setter
+    def shard(self, value):
+        if value is not None:
+            ok = (isinstance(value, tuple) and len(value) == 2
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+                  and 0 <= value[0] < value[1])
+            if not ok:
+                raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < "
+                                 f"world_size, got {value!r}")
+        self._shard = value
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self._shard is not None:
+            return self._shard
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
 
     def manual_seed(self, seed: int) -> "GateGenerator":
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -169,27 +201,32 @@ class GateGenerator:
                 # a block first run inside a backward pass: an ordinary ask
             step = self._steps[-1] if self._steps else None
             if step is None or key in step.gates:
-                n = 1 if rows is None else max(int(rows), 1)
-                u = (torch.rand((self._bound, n), generator=self._gen)
+                n, rank, world = 1, 0, 1
+                if rows is not None:
+                    n = max(int(rows), 1)
+                    rank, world = self._rank_world()
+                u = (torch.rand((self._bound, n * world), generator=self._gen)
                      if self._bound else None)
-                step = _Step(u)
+                step = _Step(u, n, rank * n)
                 self._steps = self._steps[-(_STEPS_KEPT - 1):] + [step]
             g = step.gates.get(key)
             if g is None:
-                g = step.gates[key] = self._decide(step.uniforms, key, p, rows)
+                g = step.gates[key] = self._decide(step, key, p, rows)
                 step.asks[key] = torch._C._autograd._get_sequence_nr()
             return g
 
-    def _decide(self, u, key, p, rows):
+    def _decide(self, step, key, p, rows):
+        u, off = step.uniforms, step.offset
         if isinstance(key, int) and u is not None and key < u.shape[0]:
             if rows is None:
-                return bool(u[key, 0].item() < p)
-            if rows == u.shape[1]:
-                return u[key] < p
+                return bool(u[key, 0].item() < p)  # the same on every rank
+            if rows == step.rows:
+                return u[key, off:off + rows] < p
         # unbound block, or a row count the step was not drawn for: a draw of its own
         if rows is None:
             return bool(torch.rand((), generator=self._gen).item() < p)
-        return torch.rand((rows,), generator=self._gen) < p
+        rank, world = self._rank_world()
+        return torch.rand((rows * world,), generator=self._gen)[rank * rows:(rank + 1) * rows] < p
 
     def last_step(self) -> dict:
         """Block key -> gate of the latest training forward (empty before the first)."""
@@ -225,10 +262,11 @@ class GateGenerator:
     # torch.Generator cannot be deep-copied or pickled itself; copies of a model
     # (convert(inplace=False), torch.save of a whole model) carry the state instead.
     def __getstate__(self):
-        return self.state_dict()
+        return dict(self.state_dict(), shard=self._shard)
 
     def __setstate__(self, state):
         self._gen = torch.Generator(device="cpu")
+        self._shard = state.get("shard") if isinstance(state, dict) else None
         self.initial_seed = None
         self._bound = state.get("bound", 0) if isinstance(state, dict) else 0
         self._steps = []

@@ -30,6 +30,8 @@ ConvNeXt blocks (``sdkernels.families``) hold one :class:`ResidualGate` per resi
 """
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Callable, Iterable, Optional
 
@@ -46,10 +48,11 @@ __all__ = ["GatedResidual", "Residual", "decide", "StochasticDepth", "ResidualGa
 
 MODES = ("batch", "row")
 #: Default ``gather_min_drop``: the dropped fraction of a mini-batch from which row mode
-#: gathers the survivors of a per-sample branch. On the 2-core CPU (ViT-Tiny, batch 32;
-#: benchmarks/RESULTS.md) gathering and scattering one residual's rows cost about 3% of
-#: its time, and its kernels run less efficiently on fewer rows; 1/16 keeps the one-row
-#: drops of a batch of 32 (the common case at drop rates <= 0.1) masked.
+#: gathers the survivors of a per-sample branch. On the 2-core CPU (batch 32,
+#: ``python -m sdkernels.bench.rowscaling``, benchmarks/RESULTS.md) gathering and
+#: scattering cost about 3% of a ViT-Tiny residual's time and 3-6% of a ConvNeXt-Atto
+#: one's, more than one row of 32 saves; 1/16 keeps the one-row drops of a batch of 32
+#: (the common case at drop rates <= 0.1) masked.
 GATHER_MIN_DROP = 1 / 16
 SCALINGS = ("test", "train")
 DROPPED_GRADS = ("auto", "zeros", "none")
@@ -119,22 +122,70 @@ def decide(gate: "GatedResidual", x: torch.Tensor):
     return gate.draw(x) if gate.training else None
 
 
+def _row_order(t: torch.Tensor):
+    """The dimension order in which ``t``'s rows are dense blocks: ``()`` when ``t`` is
+    contiguous, the permutation that makes a channels-last tensor contiguous, None for
+    any other layout (rows need not be blocks: plain indexing). Named layouts rather
+    than a sort of the strides: under torch.compile strides are symbolic, and a sort on
+    them is a graph break."""
+    if t.is_contiguous():
+        return ()
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return (0, 2, 3, 1)
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return (0, 2, 3, 4, 1)
+    return None
+
+
+def _inverse(order):
+    inv = [0] * len(order)
+    for i, d in enumerate(order):
+        inv[d] = i
+    return inv
+
+
+# Row mode works on a tensor's rows as the dense blocks they are in memory, whatever the
+# layout: a channels-last [N, C, H, W] tensor is handled as its contiguous [N, H, W, C]
+# permutation. index_select and index_add_ on that view keep the layout (index_select
+# on the tensor itself returns NCHW, which makes every convolution after it reorder its
+# data) and take the contiguous kernels: advanced indexing on the channels-last tensor
+# keeps its layout but goes through index / index_put_ with accumulate in backward, 2-3
+# times the cost (ConvNeXt-Atto, benchmarks/RESULTS.md).
+
 def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t``'s rows ``idx``, in ``t``'s memory layout: ``index_select`` returns a
-    contiguous tensor, which turns a channels-last block input (ConvNeXt, ResNets run
-    channels_last) into NCHW and makes every convolution after it reorder its data."""
-    return t.index_select(0, idx) if t.is_contiguous() else t[idx]
+    """``t``'s rows ``idx``, in ``t``'s memory layout."""
+    order = _row_order(t)
+    if order is None:
+        return t[idx]
+    if not order:
+        return t.index_select(0, idx)
+    return t.permute(order).index_select(0, idx).permute(_inverse(order))
+
+
+def _rows_into(base: torch.Tensor, idx: torch.Tensor, f: torch.Tensor, s, add: bool):
+    out = base.clone()  # same memory layout; a tensor of our own to write into
+    order = _row_order(out)  # None (rows not blocks, e.g. a transposed [L, N, C]): as is
+    view, f = (out, f) if not order else (out.permute(order), f.permute(order))
+    if not add:
+        view.index_copy_(0, idx, f)
+    elif s is None:
+        view.index_add_(0, idx, f)
+    elif torch.compiler.is_compiling():  # see _add_scaled
+        view.index_add_(0, idx, f * s)
+    else:
+        view.index_add_(0, idx, f, alpha=s)
+    return out
 
 
 def add_rows(base: torch.Tensor, idx: torch.Tensor, f: torch.Tensor, s) -> torch.Tensor:
-    """A copy of ``base`` (same memory layout) with ``s * f`` added to its rows ``idx``.
-    The out-of-place ``index_add`` would return a contiguous tensor (see gather_rows)."""
-    out = base.clone()  # preserves the layout; a tensor of our own to add into
-    if s is None:
-        return out.index_add_(0, idx, f)
-    if torch.compiler.is_compiling():  # see _add_scaled
-        return out.index_add_(0, idx, f * s)
-    return out.index_add_(0, idx, f, alpha=s)
+    """A copy of ``base`` (same memory layout) with ``s * f`` added to its rows ``idx``
+    (``s`` None: ``f``)."""
+    return _rows_into(base, idx, f, s, add=True)
+
+
+def copy_rows(base: torch.Tensor, idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``base`` (same memory layout) whose rows ``idx`` are ``t``."""
+    return _rows_into(base, idx, t, None, add=False)
 
 
 class Residual:
@@ -191,6 +242,49 @@ def _post_of_input(post, out, x):
     return post(out)
 
 
+class _Setting:
+    """A gate setting stored as ``_<name>`` and validated by ``check`` on every set:
+    users set them on live models (annealing p, switching mode) and a wrong value must
+    fail there, not steps later inside a forward."""
+
+    def __init__(self, check: Callable):
+        self.check = check
+
+    def __set_name__(self, owner, name):
+        self.attr = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj.__dict__[self.attr]
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.attr] = self.check(value)
+
+
+def _check_generator(g):
+    if g is not None and not isinstance(g, GateGenerator):
+        raise TypeError(f"gate_generator must be a sdkernels GateGenerator, got {type(g)}")
+    return g
+
+
+def _check_int(v, what, least):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
+        raise ValueError(f"{what} must be an int >= {least}, got {v!r}")
+    return int(v)
+
+
+def _check_bool(v):
+    if not isinstance(v, bool):
+        raise TypeError(f"per_sample_branch must be a bool, got {v!r}")
+    return v
+
+
+def _check_fraction(v, what):
+    if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+            or not 0 <= v <= 1):
+        raise ValueError(f"{what} must be a number in [0, 1], got {v!r}")
+    return float(v)
+
+
 class GatedResidual(nn.Module):
     """Gate state and the stochastic-depth rule of one or more residual calls.
 
@@ -220,63 +314,26 @@ class GatedResidual(nn.Module):
         self.gather_min_drop = GATHER_MIN_DROP
 
     def __setstate__(self, state):
-        # whole-model pickles from before per-step gates
+        # whole-model pickles from before per-step gates and row-mode settings (which
+        # were plain attributes, stored under their own names)
+        state = dict(state)
+        for name, default in (("min_rows", 1), ("per_sample_branch", False),
+                              ("gather_min_drop", GATHER_MIN_DROP)):
+            state.setdefault("_" + name, state.pop(name, default))
+        state.setdefault("_gate_key", None)
         super().__setstate__(state)
-        self.__dict__.setdefault("_gate_key", None)
-        self.__dict__.setdefault("min_rows", 1)
-        self.__dict__.setdefault("per_sample_branch", False)
-        self.__dict__.setdefault("gather_min_drop", GATHER_MIN_DROP)
 
     # -- settable, validated attributes (users inspect and anneal them) ---------------
-    @property
-    def survival_prob(self) -> float:
-        return self._survival_prob
-
-    @survival_prob.setter
-    def survival_prob(self, p):
-        self._survival_prob = check_prob(p)
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, value):
-        self._mode = _choice(value, MODES, "mode")
-
-    @property
-    def scaling(self) -> str:
-        return self._scaling
-
-    @scaling.setter
-    def scaling(self, value):
-        self._scaling = _choice(value, SCALINGS, "scaling")
-
-    @property
-    def dropped_grads(self) -> str:
-        return self._dropped_grads
-
-    @dropped_grads.setter
-    def dropped_grads(self, value):
-        self._dropped_grads = _choice(value, DROPPED_GRADS, "dropped_grads")
-
-    @property
-    def drop_impl(self) -> str:
-        return self._drop_impl
-
-    @drop_impl.setter
-    def drop_impl(self, value):
-        self._drop_impl = _choice(value, DROP_IMPLS, "drop_impl")
-
-    @property
-    def gate_generator(self) -> GateGenerator | None:
-        return self._gate_generator
-
-    @gate_generator.setter
-    def gate_generator(self, g):
-        if g is not None and not isinstance(g, GateGenerator):
-            raise TypeError(f"gate_generator must be a sdkernels GateGenerator, got {type(g)}")
-        self._gate_generator = g
+    survival_prob = _Setting(check_prob)
+    mode = _Setting(lambda v: _choice(v, MODES, "mode"))
+    scaling = _Setting(lambda v: _choice(v, SCALINGS, "scaling"))
+    dropped_grads = _Setting(lambda v: _choice(v, DROPPED_GRADS, "dropped_grads"))
+    drop_impl = _Setting(lambda v: _choice(v, DROP_IMPLS, "drop_impl"))
+    gate_generator = _Setting(_check_generator)
+    # row mode (see _init_gate)
+    min_rows = _Setting(lambda v: _check_int(v, "min_rows", 1))
+    per_sample_branch = _Setting(_check_bool)
+    gather_min_drop = _Setting(lambda v: _check_fraction(v, "gather_min_drop"))
 
     def extra_repr(self) -> str:
         return (f"survival_prob={self.survival_prob:.4g}, mode={self.mode!r}, "
@@ -328,13 +385,13 @@ class GatedResidual(nn.Module):
         n, idx = survivors(g)
         if n == 0 or n == rows:
             return ("dropped" if n == 0 else "active"), s, None
-        if n < self.min_rows:
+        if n < self._min_rows:
             # BatchNorm over one sample: degenerate statistics, and an error where that is
             # one value per channel (SelectiveKernel's attention pools to 1x1). This step
             # runs the branch on the whole batch, masked, as the naive implementation does.
             _warn_masked_once(self)
             return "mask", s, g
-        if self.per_sample_branch and rows - n < self.gather_min_drop * rows:
+        if self._per_sample_branch and rows - n < self._gather_min_drop * rows:
             return "mask", s, g  # per-sample norms: the same result, the cheaper way
         # a new survivor count reuses the compiled graph instead of compiling one per count
         torch._dynamo.decorators.mark_unbacked(idx, 0)

@@ -26,6 +26,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from helpers import ddp_record_final, ddp_record_step
+
 STEPS = 6
 PER_RANK = 4
 WORLD = 2
@@ -136,53 +138,40 @@ def train_config(arch, mode, rank, world):
     ddp = DDP(model)  # defaults: find_unused_parameters=False, broadcast_buffers=True
     opt = make_optimizer(ddp.parameters())
     rec = {"gates": [], "losses": [], "grads": [], "grads_equal_across_ranks": [],
-           "gates_equal_across_ranks": [], "dropped_checked": 0, "ran_checked": 0,
-           "problems": [], "none_grads": []}
+           "gates_equal_across_ranks": [], "rank_gates": [], "dropped_checked": 0,
+           "ran_checked": 0, "problems": [], "none_grads": []}
     for step in range(STEPS):
         x, y = shard(arch, step, rank)
         opt.zero_grad(set_to_none=True)  # a grad that exists after backward was made by it
         loss = F.cross_entropy(ddp(x), y)
         loss.backward()
         gates = [gate_value(g.last_gate) for g, _ in residuals]
+        # row gates are each rank's own rows of one global draw, batch gates the same
+        all_gates = [None] * world
+        dist.all_gather_object(all_gates, gates)
         rec["none_grads"] += [(step, n) for n, p in model.named_parameters() if p.grad is None]
         for i, (v, (_, params)) in enumerate(zip(gates, residuals)):
+            everywhere = all(fully_dropped(o[i]) for o in all_gates)
             if fully_dropped(v):
-                # dropped_grads="auto" under a process group: zeros, not None
+                # dropped_grads="auto" under a process group: a gradient, not None; zeros
+                # when no rank ran the branch (else the other ranks' average)
                 for name, p in params:
                     rec["dropped_checked"] += 1
                     if p.grad is None:
                         rec["problems"].append((step, i, name, "None"))
-                    elif torch.count_nonzero(p.grad).item() != 0:
+                    elif everywhere and torch.count_nonzero(p.grad).item() != 0:
                         rec["problems"].append((step, i, name, "nonzero"))
             else:
                 rec["ran_checked"] += 1
                 if not any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in params):
                     rec["problems"].append((step, i, "*", "a residual that ran has no gradient"))
-        g = flat_grads(model)
-        gathered = [torch.empty_like(g) for _ in range(world)]
-        dist.all_gather(gathered, g)
-        rec["grads_equal_across_ranks"].append(all(torch.equal(gathered[0], o)
-                                                   for o in gathered[1:]))
-        all_gates = [None] * world
-        dist.all_gather_object(all_gates, gates)
-        rec["gates_equal_across_ranks"].append(all(o == all_gates[0] for o in all_gates))
-        losses = [None] * world
-        dist.all_gather_object(losses, loss.item())
-        rec["grads"].append(g.clone())
-        rec["gates"].append(gates)
-        rec["losses"].append(losses)
+        ddp_record_step(rec, world, flat_grads(model), gates, loss)
         opt.step()
-    w = flat_params(model)
-    gathered = [torch.empty_like(w) for _ in range(world)]
-    dist.all_gather(gathered, w)
-    rec["final_params"] = w.clone()
-    rec["final_params_equal_across_ranks"] = all(torch.equal(gathered[0], o)
-                                                 for o in gathered[1:])
+    ddp_record_final(rec, world, flat_params(model))
     for key in ("problems", "none_grads"):
         everyone = [None] * world
         dist.all_gather_object(everyone, rec[key])
         rec[key] = [(r,) + tuple(p) for r, ps in enumerate(everyone) for p in ps]
-    rec["grads"] = torch.stack(rec["grads"])
     return rec
 
 

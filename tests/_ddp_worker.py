@@ -20,6 +20,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from helpers import ddp_record_final, ddp_record_step
+
 STEPS = 20
 PER_RANK = 8
 WORLD = 2
@@ -111,30 +113,12 @@ def main(rank: int, world: int, port: int, out_file: str) -> None:
                         record["dropped_grad_problems"].append((step, i, name, "None"))
                     elif torch.count_nonzero(p.grad).item() != 0:
                         record["dropped_grad_problems"].append((step, i, name, "nonzero"))
-            g = flat_grads(model)
-            gathered = [torch.empty_like(g) for _ in range(world)]
-            dist.all_gather(gathered, g)
-            record["grads_equal_across_ranks"].append(
-                all(torch.equal(gathered[0], o) for o in gathered[1:]))
-            all_gates = [None] * world
-            dist.all_gather_object(all_gates, gates)
-            record["gates_equal_across_ranks"].append(all(o == all_gates[0] for o in all_gates))
-            losses = [None] * world
-            dist.all_gather_object(losses, loss.item())
-            record["grads"].append(g.clone())
-            record["gates"].append(gates)
-            record["losses"].append(losses)
+            ddp_record_step(record, world, flat_grads(model), gates, loss)
             opt.step()
-        w = flat_params(model)
-        gathered = [torch.empty_like(w) for _ in range(world)]
-        dist.all_gather(gathered, w)
-        record["final_params"] = w.clone()
-        record["final_params_equal_across_ranks"] = all(torch.equal(gathered[0], o)
-                                                        for o in gathered[1:])
+        ddp_record_final(record, world, flat_params(model))
         all_problems = [None] * world
         dist.all_gather_object(all_problems, record["dropped_grad_problems"])
         record["dropped_grad_problems"] = [p for ps in all_problems for p in ps]
-        record["grads"] = torch.stack(record["grads"])
         if rank == 0:
             torch.save(record, out_file)
         dist.barrier()

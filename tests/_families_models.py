@@ -320,3 +320,22 @@ def reference_copy(model: nn.Module) -> nn.Module:
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     a, ref = a.detach(), ref.detach()
     return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+
+
+def small_timm(arch: str) -> nn.Module:
+    """A float64 timm ViT (4 blocks, 32 px) or ConvNeXt-Atto for the DDP, compile and
+    checkpointing tests, its layer scales raised to 0.5 so that the branches matter
+    (timm initialises them to 1e-6); float64, so that two runs agree to rounding."""
+    import timm
+
+    torch.manual_seed(0)
+    if arch == "vit":
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
+                              depth=4, img_size=32)
+    else:
+        m = timm.create_model("convnext_atto", pretrained=False, num_classes=10)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n.endswith("gamma"):
+                    p.fill_(0.5)
+    return m.double()

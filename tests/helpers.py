@@ -11,6 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -159,21 +160,75 @@ def run_ddp_workers(worker: Path, world: int, out: Path, timeout: float) -> dict
     env["OMP_NUM_THREADS"] = "1"
     pkg_parent = str(Path(sdkernels.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([pkg_parent, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(world),
-                               str(store.port), str(out)],
-                              cwd=str(Path(worker).resolve().parent), env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
+    # each rank logs to a file of its own: read one after another, pipes could fill up
+    # and block a chatty rank while we wait on the other
+    log_files = [Path(out).with_name(f"{Path(out).name}.rank{r}.log") for r in range(world)]
+    procs = []
+    for r, log in enumerate(log_files):
+        with open(log, "w") as fh:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(worker), str(r), str(world), str(store.port), str(out)],
+                cwd=str(Path(worker).resolve().parent), env=env, stdout=fh,
+                stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
     del store
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"DDP rank {r} failed (rc={p.returncode}):\n{log[-4000:]}"
+    for r, (p, log) in enumerate(zip(procs, log_files)):
+        assert p.returncode == 0, (f"DDP rank {r} failed (rc={p.returncode}):\n"
+                                   f"{log.read_text()[-4000:]}")
     return torch.load(out, weights_only=False)
+
+
+# -- DDP jobs: what a rank records, and the single-process reference of a 2-rank job ----
+
+def ddp_record_step(rec: dict, world: int, grads: torch.Tensor, gates, loss) -> None:
+    """After a rank's step (backward and all-reduce done): whether gradients and gates
+    agree across ranks, every rank's loss, and this rank's flat gradient and gates."""
+    import torch.distributed as dist
+    gathered = [torch.empty_like(grads) for _ in range(world)]
+    dist.all_gather(gathered, grads)
+    rec["grads_equal_across_ranks"].append(all(torch.equal(gathered[0], o)
+                                               for o in gathered[1:]))
+    all_gates = [None] * world
+    dist.all_gather_object(all_gates, gates)
+    rec["gates_equal_across_ranks"].append(all(o == all_gates[0] for o in all_gates))
+    rec.setdefault("rank_gates", []).append(all_gates)
+    losses = [None] * world
+    dist.all_gather_object(losses, loss.item())
+    rec["grads"].append(grads.clone())
+    rec["gates"].append(gates)
+    rec["losses"].append(losses)
+
+
+def ddp_record_final(rec: dict, world: int, params: torch.Tensor) -> None:
+    """After the last step: this rank's flat weights, and whether all ranks hold them."""
+    import torch.distributed as dist
+    gathered = [torch.empty_like(params) for _ in range(world)]
+    dist.all_gather(gathered, params)
+    rec["final_params"] = params.clone()
+    rec["final_params_equal_across_ranks"] = all(torch.equal(gathered[0], o)
+                                                 for o in gathered[1:])
+    rec["grads"] = torch.stack(rec["grads"])
+
+
+def average_replica_grads(reps) -> None:
+    """The all-reduce of a DDP job, for its single-process reference: replica 0's
+    gradients become the mean over the replicas (each of which ran one rank's shard)."""
+    with torch.no_grad():
+        for ps in zip(*(r.parameters() for r in reps)):
+            ps[0].grad = sum(p.grad for p in ps) / len(reps)
+
+
+def broadcast_replica_params(reps) -> None:
+    """After replica 0's optimizer step: every replica holds its weights."""
+    with torch.no_grad():
+        for ps in zip(*(r.parameters() for r in reps)):
+            for p in ps[1:]:
+                p.copy_(ps[0])

@@ -6,6 +6,7 @@ CPU environment) those cases skip, and the timm-layout cases use the look-alikes
 ``_thirdparty``.
 """
 import copy
+import pickle
 
 import pytest
 import torch
@@ -342,6 +343,28 @@ def test_revert_restores_drop_paths_in_the_model_mode():
     sdkernels.revert(model)
     assert model[0].drop_path1 is originals[0] and model[1].drop_path2 is originals[1]
     assert not any(m.training for m in model.modules())
+
+
+def test_converted_blocks_store_a_stable_family_key_and_read_old_pickles():
+    # the converted block keeps its family's key (not the display name, which may be
+    # reworded); blocks pickled when it was the display name still run and revert
+    from sdkernels.families import FAMILIES, ConvertedBlock
+    torch.manual_seed(0)
+    model = nn.Sequential(_ViTBlock(), _ViTBlock()).eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        before = model(x)
+    sdkernels.convert(model, schedule="keep")
+    fam = next(f for f in FAMILIES if f.key == model[0]._sd_family)
+    assert fam.key == "transformer" and isinstance(model[0], ConvertedBlock)
+    assert type(model[0]).__name__ == "Gated_ViTBlock"
+    model[1]._sd_family = fam.name  # as stored before keys
+    old = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        torch.testing.assert_close(old(x), before, rtol=0, atol=0)
+    assert len(old[1].sd_gates()) == 2
+    sdkernels.revert(old)
+    assert [type(b) for b in old] == [_ViTBlock, _ViTBlock]
 
 
 def test_no_residual_blocks_is_an_error():

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import sdkernels
 from sdkernels.gates import FixedGates
 
-from helpers import load_worker, run_ddp_workers
+from helpers import average_replica_grads, broadcast_replica_params, load_worker, run_ddp_workers
 
 WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"
 W = load_worker(WORKER, "_sdk_ddp_worker")
@@ -71,16 +71,12 @@ def _reference_run():
             step_losses.append(loss.item())
         g0 = [bool(b.last_gate) for b in blocks[0]]
         assert g0 == [bool(b.last_gate) for b in blocks[1]]
-        with torch.no_grad():
-            for p0, p1 in zip(reps[0].parameters(), reps[1].parameters()):
-                p0.grad = (p0.grad + p1.grad) / W.WORLD
+        average_replica_grads(reps)
         grads.append(W.flat_grads(reps[0]))
         gates.append(g0)
         losses.append(step_losses)
         opt.step()
-        with torch.no_grad():
-            for p0, p1 in zip(reps[0].parameters(), reps[1].parameters()):
-                p1.copy_(p0)
+        broadcast_replica_params(reps)
     return {"grads": torch.stack(grads), "gates": gates, "losses": losses,
             "final_params": W.flat_params(reps[0])}
 

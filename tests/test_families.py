@@ -27,25 +27,18 @@ pytest.importorskip("torchvision")
 
 import sdkernels  # noqa: E402
 from sdkernels.convert import gates_of, residual_blocks  # noqa: E402
-from sdkernels.families import GatedBlock  # noqa: E402
+from sdkernels.families import ConvertedBlock  # noqa: E402
 from sdkernels.gates import gate_record, generators_of  # noqa: E402
 from sdkernels.residual import ResidualGate  # noqa: E402
 
 import _families_models as fm  # noqa: E402
 
-pytestmark = pytest.mark.thirdparty
+pytestmark = [pytest.mark.thirdparty, pytest.mark.usefixtures("one_thread")]
 
 FAMILIES = [pytest.param(s, id=s.name) for s in fm.SPECS]
 TOL = 1e-9  # relative error allowed at p = 1 in float64
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    # small models on a busy 2-core machine: one thread is faster
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _converted_blocks(model):
@@ -126,7 +119,7 @@ def test_converts_every_residual_block(spec):
             assert not any(isinstance(c, fm.drop_path_types()) for c in children), q
             continue
         assert b is expected[q]
-        assert isinstance(b, GatedBlock) and isinstance(b, cls), q
+        assert isinstance(b, ConvertedBlock) and isinstance(b, cls), q
         assert type(b).__name__ == f"Gated{cls.__name__}" and type(b).__bases__[1] is cls
         gates = gates_of(b)
         assert len(gates) == spec.gates, q
@@ -139,7 +132,7 @@ def test_converts_every_residual_block(spec):
     # blocks of the family that have no residual in this instance stay as they are, and
     # a package drop path survives only there (it is never applied)
     for q, b in others.items():
-        assert not isinstance(b, GatedBlock) and type(b).__name__ in [c for _, c in spec.blocks]
+        assert not isinstance(b, ConvertedBlock) and type(b).__name__ in [c for _, c in spec.blocks]
     for q, m in model.named_modules():
         if isinstance(m, fm.drop_path_types()):
             assert q.rpartition(".")[0] in others, f"{q}: a drop path was left in place"
@@ -221,7 +214,7 @@ def test_reverts_exactly(spec):
         assert model.get_submodule(q) is dp
     _assert_state_equal(model, state)
     assert not residual_blocks(model) or all(
-        not isinstance(b, GatedBlock) for _, b in residual_blocks(model))
+        not isinstance(b, ConvertedBlock) for _, b in residual_blocks(model))
     # and the same computation as the original, the package's random drop paths
     # included: the same global RNG draws the same drop-path masks
     for training in (True, False):
@@ -351,7 +344,7 @@ class _OneSurvivor(sdkernels.GateGenerator):
 
 def test_row_mode_one_survivor_selective_kernel(monkeypatch):
     """A row-mode draw that keeps one row of a SelectiveKernel block trains as the
-    original model does on that batch.
+    original model does with that draw as its drop-path masks.
 
     SelectiveKernel's attention normalises its pooled [N, C, 1, 1] features with a
     BatchNorm, which refuses one value per channel; any batch size can draw a single
@@ -360,19 +353,34 @@ def test_row_mode_one_survivor_selective_kernel(monkeypatch):
     batch (``GatedResidual.min_rows``), and says so once."""
     import sdkernels.residual as residual
     monkeypatch.setattr(residual, "_WARNED_MASKED", set())
-    model = fm.make(fm.BY_NAME["timm.skresnet18"], dtype=torch.float32)
-    x, y = fm.inputs(fm.BY_NAME["timm.skresnet18"], dtype=torch.float32, batch=8)
-    ref = copy.deepcopy(model)
-    _train_forward(ref, x, y)  # the original trains on this batch
-    sdkernels.convert(model, p_last=0.5, schedule="uniform", mode="row", seed=0)
+    spec = fm.BY_NAME["timm.skresnet18"]
+    model = fm.make(spec)
+    ref = fm.reference_copy(model)
+    queue = []
+    for blk in fm.package_blocks(spec, ref).values():
+        for slot in dict.fromkeys(spec.drop_slots):
+            setattr(blk, slot, _Replay(queue))
+    x, y = fm.inputs(spec, batch=8)
+    sdkernels.convert(model, p_last=0.5, schedule="uniform", mode="row", scaling="train",
+                      seed=0, dropped_grads="zeros")
     gen = _OneSurvivor(0)
-    for g in _all_gates(model):
+    gates = _all_gates(model)
+    for g in gates:
         assert g.min_rows == 2
         g.gate_generator = gen
     with pytest.warns(RuntimeWarning, match="single survivor"):
-        loss = _train_forward(model, x, y)
-    assert torch.isfinite(loss)
-    assert all(int(g.last_gate.sum()) == 1 for g in _all_gates(model))
+        out = model(x)
+    F.cross_entropy(out, y).backward()
+    assert all(int(g.last_gate.sum()) == 1 for g in gates)
+    queue[:] = [(g.last_gate, g.survival_prob) for g in gates]
+    out_ref = ref(x)
+    F.cross_entropy(out_ref, y).backward()
+    assert queue == []
+    _assert_close_rel(out, out_ref, "skresnet18 one survivor output")
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        assert p.grad is not None and p_ref.grad is not None, name
+        scale = float(p_ref.grad.abs().max())
+        assert float((p.grad - p_ref.grad).abs().max()) <= TOL * max(scale, 1e-12), name
 
 
 # -- at p_L = 0.5 the gated model is the original with those gates as masks --------------
@@ -536,7 +544,7 @@ def test_deepcopy_and_pickle(spec):
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), how
         # a copy reverts to the package's classes
         plain = sdkernels.revert(copies[how])
-        assert not any(isinstance(m, (GatedBlock, ResidualGate)) for m in plain.modules())
+        assert not any(isinstance(m, (ConvertedBlock, ResidualGate)) for m in plain.modules())
 
 
 # -- converting twice ------------------------------------------------------------------
@@ -553,8 +561,8 @@ def test_converting_twice_is_harmless(spec):
     second = [(q, type(b), [id(g) for g in gates_of(b)]) for q, b in residual_blocks(model)]
     assert second == first  # the same blocks, classes and gates: nothing wrapped twice
     for q, b in residual_blocks(model):
-        if isinstance(b, GatedBlock):
-            assert type(b).__bases__ == (GatedBlock, bases[q]), q
+        if isinstance(b, ConvertedBlock):
+            assert type(b).__bases__ == (ConvertedBlock, bases[q]), q
             assert type(b).__name__ == f"Gated{bases[q].__name__}"
         else:  # a fused sdkernels ResNet block
             assert type(b) is getattr(sdkernels, bases[q].__name__)
@@ -696,7 +704,7 @@ def test_keep_without_scale_by_keep_is_refused():
     with pytest.raises(ValueError, match=r"'blocks\.1'.*scale_by_keep"):
         sdkernels.convert(model, schedule="keep")
     assert not residual_blocks(model) or not any(
-        isinstance(b, GatedBlock) for _, b in residual_blocks(model))
+        isinstance(b, ConvertedBlock) for _, b in residual_blocks(model))
     sdkernels.convert(model, schedule="keep", scaling="test")  # an explicit choice converts
 
 

@@ -17,21 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-timm = pytest.importorskip("timm")
+pytest.importorskip("timm")
 
+import _families_models as fm  # noqa: E402
 import sdkernels  # noqa: E402
 from sdkernels.convert import gates_of, residual_blocks  # noqa: E402
 from sdkernels.gates import gate_record  # noqa: E402
 
-pytestmark = pytest.mark.thirdparty
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.thirdparty, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(params=[False, True], ids=["non_reentrant", "reentrant"])
@@ -45,17 +38,7 @@ def reentrant(request):
 
 
 def _build(arch, mode):
-    torch.manual_seed(0)
-    if arch == "vit":
-        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
-                              depth=4, img_size=32)
-    else:
-        m = timm.create_model("convnext_atto", pretrained=False, num_classes=10)
-        with torch.no_grad():  # layer scales of 1e-6: make the branches matter
-            for n, p in m.named_parameters():
-                if n.endswith("gamma"):
-                    p.fill_(0.5)
-    m = m.double()
+    m = fm.small_timm(arch)
     return sdkernels.convert(m, p_last=0.5, schedule="uniform", mode=mode, seed=2)
 
 

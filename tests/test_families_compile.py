@@ -37,6 +37,7 @@ import torch.nn.functional as F
 pytest.importorskip("timm")
 dynamo = pytest.importorskip("torch._dynamo")
 
+import _families_models as fm  # noqa: E402
 import sdkernels  # noqa: E402
 from sdkernels.convert import gates_of, residual_blocks  # noqa: E402
 from sdkernels.gates import gate_record  # noqa: E402
@@ -63,19 +64,7 @@ def _fresh_dynamo():
 
 
 def _build(arch: str):
-    import timm
-
-    torch.manual_seed(0)
-    if arch == "vit":
-        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
-                              depth=4, img_size=32)
-    else:
-        m = timm.create_model("convnext_atto", pretrained=False, num_classes=10)
-        with torch.no_grad():  # layer scales of 1e-6: make the branches matter
-            for n, p in m.named_parameters():
-                if n.endswith("gamma"):
-                    p.fill_(0.5)
-    return m.double()  # float64: compiled and eager agree to rounding over many steps
+    return fm.small_timm(arch)
 
 
 def _frames() -> int:

@@ -5,9 +5,10 @@ A 2-process gloo job on CPU (``_ddp_families_worker.py``) trains a converted ViT
 sample, as timm's drop path) and batch mode, with DDP's defaults (no
 ``find_unused_parameters``), for several steps in which residuals are dropped. It shows:
 no DDP error about unused parameters (a residual dropped on a whole shard ties zero
-gradients to its branch parameters); gradients, gates and weights identical on both ranks
-after the all-reduce; the dropped residuals' parameters hold zero gradients, not None;
-and every step equals a single-process reference on the same data and gates. With
+gradients to its branch parameters); gradients and weights identical on both ranks after
+the all-reduce; batch gates identical on both ranks, row gates each rank's own rows of
+one draw; the parameters of residuals dropped on every rank hold zero gradients, not
+None; and every step equals a single-process reference on the same data and gates. With
 ``dropped_grads="none"`` the same job fails with DDP's error: the test sees a missing
 gradient.
 """
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 pytest.importorskip("timm")
 
 import sdkernels  # noqa: E402
+from sdkernels.gates import generators_of  # noqa: E402
 
-from helpers import load_worker, run_ddp_workers  # noqa: E402
+from helpers import (average_replica_grads, broadcast_replica_params, load_worker,  # noqa: E402
+                     run_ddp_workers)
 
 WORKER = Path(__file__).resolve().parent / "_ddp_families_worker.py"
 W = load_worker(WORKER, "_sdk_ddp_families_worker")
@@ -46,14 +49,18 @@ def record(tmp_path_factory) -> dict:
 def _reference_run(arch, mode):
     """Single-process reproduction of the 2-rank DDP job (as in test_distributed.py):
     two replicas built identically, each with its gate generator seeded like the ranks'
-    (so each draws the gates the ranks draw), replica r forwards shard r; gradients are
+    and set to rank r's shard (so each draws the gates rank r draws), replica r forwards
+    shard r; gradients are
     averaged into replica 0, which steps; its weights are copied into replica 1. The
     replicas use dropped_grads="zeros" (no process group here: "auto" would give None,
     and SGD would skip the dropped parameters' weight decay and momentum)."""
     reps = [W.setup(arch, mode, dropped_grads="zeros") for _ in range(W.WORLD)]
+    for r, m in enumerate(reps):
+        for gen in generators_of(m):
+            gen.shard = (r, W.WORLD)
     opt = W.make_optimizer(reps[0].parameters())
     residuals = [W.gates_and_params(m) for m in reps]
-    grads, gates, losses = [], [], []
+    grads, gates, rank_gates, losses = [], [], [], []
     for step in range(W.STEPS):
         for m in reps:
             m.zero_grad(set_to_none=True)
@@ -63,19 +70,17 @@ def _reference_run(arch, mode):
             loss = F.cross_entropy(m(x), y)
             loss.backward()
             step_losses.append(loss.item())
-        g0 = [W.gate_value(g.last_gate) for g, _ in residuals[0]]
-        assert g0 == [W.gate_value(g.last_gate) for g, _ in residuals[1]]
-        with torch.no_grad():
-            for p0, p1 in zip(reps[0].parameters(), reps[1].parameters()):
-                p0.grad = (p0.grad + p1.grad) / W.WORLD
+        each = [[W.gate_value(g.last_gate) for g, _ in res] for res in residuals]
+        g0 = each[0]
+        rank_gates.append(each)
+        average_replica_grads(reps)
         grads.append(W.flat_grads(reps[0]))
         gates.append(g0)
         losses.append(step_losses)
         opt.step()
-        with torch.no_grad():
-            for p0, p1 in zip(reps[0].parameters(), reps[1].parameters()):
-                p1.copy_(p0)
-    return {"grads": torch.stack(grads), "gates": gates, "losses": losses,
+        broadcast_replica_params(reps)
+    return {"grads": torch.stack(grads), "gates": gates, "rank_gates": rank_gates,
+            "losses": losses,
             "final_params": W.flat_params(reps[0])}
 
 
@@ -97,8 +102,13 @@ def test_ddp_trains_with_dropped_residuals(record, config):
     assert rec["none_grads"] == []
     assert rec["dropped_checked"] > 0
     assert rec["problems"] == []
-    # the same gates, gradients (after the all-reduce) and final weights on both ranks
-    assert all(rec["gates_equal_across_ranks"])
+    # batch mode: the same gates on both ranks; row mode: each rank's own rows of the
+    # step's draw (ranks train different samples)
+    if mode == "batch":
+        assert all(rec["gates_equal_across_ranks"])
+    else:
+        assert not all(rec["gates_equal_across_ranks"])
+    # the same gradients (after the all-reduce) and final weights on both ranks
     assert all(rec["grads_equal_across_ranks"]), rec["grads_equal_across_ranks"]
     assert rec["final_params_equal_across_ranks"]
 
@@ -112,7 +122,7 @@ def test_ddp_matches_single_process_reference(record, config):
         ref = _reference_run(*config)
     finally:
         torch.set_num_threads(threads)
-    assert ref["gates"] == rec["gates"]
+    assert ref["gates"] == rec["gates"] and ref["rank_gates"] == rec["rank_gates"]
     for step in range(W.STEPS):
         assert ref["losses"][step] == pytest.approx(rec["losses"][step], rel=1e-10, abs=1e-12)
         torch.testing.assert_close(rec["grads"][step], ref["grads"][step], rtol=1e-9,

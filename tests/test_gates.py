@@ -138,3 +138,33 @@ def test_survivors_rejects_device_gates():
 
     with pytest.raises(ValueError, match="CPU tensor"):
         sdkernels.gates.survivors(torch.ones(3, dtype=torch.bool, device="meta"))
+
+
+def test_row_gates_of_a_shard_are_its_rows_of_the_global_draw():
+    # a distributed job draws row gates for the global batch once per step (the same
+    # draw on every rank) and each rank takes its own rows; batch gates stay shared
+    import pickle
+
+    import pytest
+
+    class Key:
+        pass
+
+    blocks = [Key() for _ in range(3)]
+
+    def step(gen, rows):
+        gen.bind(blocks)
+        return [gen.gate(i, 0.5, rows) for i in range(2)] + [gen.gate(2, 0.5)]
+
+    whole = step(GateGenerator(7), 8)
+    parts = [step(GateGenerator(7, shard=(r, 2)), 4) for r in range(2)]
+    for i in range(2):
+        assert torch.equal(torch.cat([parts[0][i], parts[1][i]]), whole[i])
+    assert parts[0][2] == parts[1][2] == whole[2]
+    assert not torch.equal(parts[0][0], parts[1][0]) or not torch.equal(parts[0][1], parts[1][1])
+    g = GateGenerator(1, shard=(1, 4))
+    assert copy.deepcopy(g).shard == (1, 4) and pickle.loads(pickle.dumps(g)).shard == (1, 4)
+    assert GateGenerator(1).shard is None  # the process group's (0, 1 without one)
+    for bad in [(2, 2), (-1, 2), (0, 0), [0, 2], (0.0, 2), (True, 2)]:
+        with pytest.raises(ValueError, match="shard"):
+            GateGenerator(1, shard=bad)

@@ -272,6 +272,32 @@ def test_bad_arguments_are_clear_errors(kwargs, error, match):
         StochasticDepth(**args)
 
 
+@pytest.mark.parametrize("name, value, error", [
+    ("survival_prob", 0.0, ValueError), ("mode", "rows", ValueError),
+    ("min_rows", 0, ValueError), ("min_rows", 2.0, ValueError),
+    ("per_sample_branch", 1, TypeError), ("gather_min_drop", 1.5, ValueError),
+    ("gather_min_drop", float("nan"), ValueError), ("gather_min_drop", True, ValueError),
+])
+def test_settings_are_validated_when_set_on_a_live_module(name, value, error):
+    sd = StochasticDepth(nn.Linear(2, 2), survival_prob=0.5, mode="row")
+    before = getattr(sd, name)
+    with pytest.raises(error, match=name.replace("_prob", " prob").split("_")[0]):
+        setattr(sd, name, value)
+    assert getattr(sd, name) == before  # a refused value leaves the setting as it was
+
+
+def test_settings_from_an_older_pickle_are_read():
+    # row-mode settings used to be plain attributes stored under their own names
+    sd = StochasticDepth(nn.Linear(2, 2), survival_prob=0.5, mode="row")
+    state = dict(sd.__dict__)
+    for name in ("min_rows", "per_sample_branch", "gather_min_drop"):
+        state[name] = state.pop("_" + name)
+    state["gather_min_drop"] = 0.25
+    fresh = StochasticDepth.__new__(StochasticDepth)
+    fresh.__setstate__(state)
+    assert (fresh.min_rows, fresh.per_sample_branch, fresh.gather_min_drop) == (1, True, 0.25)
+
+
 def test_resnet_blocks_are_the_special_case():
     """The drop-in ResNet blocks run the same rule (batch/row, eval scale)."""
     from sdkernels.residual import GatedResidual
@@ -376,3 +402,54 @@ def test_row_mode_gathers_only_when_enough_rows_drop():
     torch.testing.assert_close(masked, gathered, rtol=1e-12, atol=1e-14)
     k = torch.tensor(keep)
     torch.testing.assert_close(masked[~k], x[~k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "nhwc_view", "batch_inner"])
+def test_row_helpers_keep_the_layout_and_match_indexing(layout):
+    # gather_rows / add_rows / copy_rows work on the rows as dense blocks of memory
+    # (channels_last as its NHWC permutation); a tensor whose rows are not blocks (batch
+    # not outermost) takes plain indexing. Values, gradients and layout must be the same
+    # as plain indexing gives, whatever the path.
+    from sdkernels.residual import add_rows, copy_rows, gather_rows
+    torch.manual_seed(0)
+    base = torch.randn(6, 4, 3, 5, dtype=DT)
+    make = {"contiguous": lambda t: t.clone(),
+            "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+            "nhwc_view": lambda t: t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+            "batch_inner": lambda t: t.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)}
+    x = make[layout](base).requires_grad_()
+    idx = torch.tensor([0, 2, 5])
+    xk = gather_rows(x, idx)
+    assert torch.equal(xk, base[idx])
+    if layout != "batch_inner":
+        assert xk.stride() == make[layout](base[idx]).stride()
+    f = make[layout](torch.randn(3, 4, 3, 5, dtype=DT))
+    out = add_rows(x, idx, f * xk, 0.5)
+    ref = base.clone()
+    ref[idx] += 0.5 * f * base[idx]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-15)
+    assert out.stride() == x.stride()
+    g = torch.randn_like(base)
+    (grad,) = torch.autograd.grad(out, x, g)
+    xr = base.clone().requires_grad_()
+    ro = xr.clone()
+    ro[idx] = ro[idx] + 0.5 * f * xr[idx]
+    torch.testing.assert_close(grad, torch.autograd.grad(ro, xr, g)[0], rtol=0, atol=1e-14)
+    c = copy_rows(x.detach(), idx, f)
+    cref = base.clone()
+    cref[idx] = f
+    assert torch.equal(c, cref) and c.stride() == x.stride()
+
+
+def test_row_helpers_channels_last_3d():
+    from sdkernels.residual import add_rows, gather_rows
+    base = torch.randn(4, 3, 2, 2, 5, dtype=DT)
+    x = base.contiguous(memory_format=torch.channels_last_3d)
+    idx = torch.tensor([1, 3])
+    xk = gather_rows(x, idx)
+    assert torch.equal(xk, base[idx])
+    assert xk.is_contiguous(memory_format=torch.channels_last_3d)
+    out = add_rows(x, idx, xk, None)
+    ref = base.clone()
+    ref[idx] *= 2
+    assert torch.equal(out, ref) and out.stride() == x.stride()
