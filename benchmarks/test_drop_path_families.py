@@ -112,17 +112,30 @@ def test_drop_path_vs_timm(benchmark, net_settings, capsys, tmp_path, model):
 
 
 @pytest.mark.slow
-def test_row_scaling_tool(net_settings, capsys):
+def test_row_scaling_tool(benchmark, net_settings, capsys):
     """``python -m sdkernels.bench.rowscaling``: a row step with every residual keeping
     exactly k rows, against the linear prediction. No target: it is the diagnostic behind
     the row-mode gap in benchmarks/RESULTS.md; this checks it runs and measures what it
     says (every residual of a k=K variant kept K rows)."""
     from sdkernels.bench.rowscaling import format_record, measure
     timing = net_settings.timing
-    kw = ({"rounds": 8} if timing else
-          {"rounds": 1, "depth": 1, "image_size": 32, "batch": 8, "threads": 1})
-    keeps = [29, 16] if timing else [6, 3]
-    rec = measure("vit_tiny_patch16_224", keeps, profile=True, **kw)
+    if timing:
+        threads = os.environ.get("SDKERNELS_BENCH_THREADS")
+        kw = {"rounds": 8, "threads": int(threads) if threads else 2}
+        keeps = [29, 24, 16]
+    else:
+        kw = {"rounds": 1, "depth": 1, "image_size": 32, "batch": 8, "threads": 1}
+        keeps = [6, 3]
+    out = {}
+    benchmark.group = "row-scaling"
+    benchmark.name = "vit_tiny_patch16_224"
+    benchmark.pedantic(lambda: out.setdefault(
+        "rec", measure("vit_tiny_patch16_224", keeps, profile=True, **kw)),
+        rounds=1, iterations=1, warmup_rounds=0)
+    rec = out["rec"]
+    benchmark.extra_info.update(extra_info(
+        "cpu", dtype="float32", shape=[rec["batch"], 3, rec["image_size"], rec["image_size"]],
+        rows=rec["rows"], all_ms=rec["all_ms"], none_ms=rec["none_ms"]))
     with capsys.disabled():
         print("\n" + format_record(rec))
     assert rec["kept"]["all"] == {rec["batch"]} and rec["kept"]["none"] == {0}

@@ -129,6 +129,10 @@ class Family:
     sources: tuple = ()  # per slot, the original slot whose drop path it inherits
     key: str = ""  # stable id stored in converted blocks (and their pickles)
 
+    def __post_init__(self):
+        if not self.key:
+            raise ValueError(f"family {self.name!r} needs a key")
+
 
 def _children(m) -> set:
     return {n for n, c in m._modules.items() if c is not None}
@@ -511,13 +515,37 @@ FAMILIES = (
            _N_TV_REGNET, key="torchvision.regnet"),
 )
 _BY_KEY = {f.key: f for f in FAMILIES}
-assert len(_BY_KEY) == len(FAMILIES)
+if len(_BY_KEY) != len(FAMILIES):
+    raise RuntimeError("sdkernels.families: two families share a key")
+
+# Converted blocks pickled before families had keys stored the family's display name as
+# it was then; frozen here, so that rewording a name never breaks an old pickle.
+_LEGACY_NAMES = {
+    "timm ResNet block (SE/attention/anti-aliasing)": "timm.resnet",
+    "timm SelectiveKernel block": "timm.selective_kernel",
+    "timm ResNetV2 pre-activation block": "timm.resnetv2_preact",
+    "timm ResNetV2 bottleneck": "timm.resnetv2_bottleneck",
+    "timm RegNet block": "timm.regnet",
+    "timm RegNet pre-activation block": "timm.regnet_preact",
+    "timm ConvNeXt block": "timm.convnext",
+    "transformer block (timm ViT/DeiT/BEiT/EVA/Swin)": "transformer",
+    "torchvision Swin block": "torchvision.swin",
+    "torchvision ViT encoder block": "torchvision.vit",
+    "timm inverted residual": "timm.inverted_residual",
+    "timm depthwise-separable block": "timm.depthwise_separable",
+    "timm edge residual": "timm.edge_residual",
+    "timm ConvBnAct": "timm.conv_bn_act",
+    "torchvision ConvNeXt / EfficientNet block": "torchvision.block",
+    "torchvision RegNet block": "torchvision.regnet",
+}
 
 
 def _family(key: str) -> Family:
-    # blocks pickled before families had keys name them by their display name
     fam = _BY_KEY.get(key)
-    return fam if fam is not None else next(f for f in FAMILIES if f.name == key)
+    if fam is None:
+        raise ValueError(f"a converted block names family {key!r}, which this sdkernels "
+                         f"does not have (known: {sorted(_BY_KEY)})")
+    return fam
 
 
 def _other_forward(m: nn.Module, fam: Family) -> str:
@@ -589,6 +617,12 @@ class ConvertedBlock:
         # the generated class is not importable; pickle and deepcopy rebuild it from the
         # original class
         return _new_gated, (self._sd_base,), self.__dict__.copy()
+
+    def __setstate__(self, state):
+        fam = state.get("_sd_family")
+        if fam in _LEGACY_NAMES:
+            state = dict(state, _sd_family=_LEGACY_NAMES[fam])
+        super().__setstate__(state)
 
 
 _CLASSES: dict = {}

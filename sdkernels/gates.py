@@ -8,10 +8,12 @@ run in a training step. They are drawn on the CPU from a ``torch.Generator`` hel
   on the host before any kernel of that block is launched);
 * the sequence is reproducible from a seed and does not shift when user code consumes
   the global RNG (data augmentation, dropout elsewhere);
-* every rank of a distributed job that uses the same seed draws the same step: the same
-  batch gates, and row gates for the global batch, of which each rank takes its own
-  rows (its rank's slice: ranks train different samples, and a sample's gate must not
-  repeat on every rank);
+* every rank of a data-parallel job that uses the same seed draws the same step: the
+  same batch gates, and row gates for the global batch, of which each rank takes its own
+  rows (ranks train different samples, and a sample's gate must not repeat on every
+  rank). This holds while the ranks' local batches are equal (``DistributedSampler``
+  pads them so): a rank with another row count consumes the generator differently and
+  draws its own batch gates from then on;
 * the state can be saved and restored for an exact resume.
 
 Draws and the host arithmetic on drawn gates (:func:`survivors`) run with PyTorch's
@@ -27,7 +29,8 @@ default generator unless given one (see :func:`manual_seed`).
 Gates per step (design §2). Blocks ask :meth:`GateGenerator.gate` for their gate. All
 the gates of one training forward are drawn at once, with one host draw, when the first
 block of that forward asks (a model whose blocks were bound with :meth:`GateGenerator.bind`
-gets a [blocks, rows] uniform matrix; each block compares its row with its own p_l). A
+gets a [blocks, rows x data-parallel world size] uniform matrix; each block compares
+its row, or this rank's columns of it, with its own p_l). A
 block that asks again while autograd is running a backward pass is being recomputed
 (activation checkpointing: ``torch.utils.checkpoint`` reentrant or not,
 ``checkpoint_sequential``, timm's ``set_grad_checkpointing``) and gets the gate it had in
@@ -79,13 +82,13 @@ class _Step:
     """The gates of one training forward: a uniform matrix drawn once, and what each
     block took from it."""
 
-    __slots__ = ("uniforms", "gates", "asks", "rows", "offset")
+    __slots__ = ("uniforms", "gates", "asks", "rows", "shard")
 
-    def __init__(self, uniforms, rows=1, offset=0):
-        # [bound blocks, rows x world size] CPU float tensor, or None; this rank's row
-        # gates are the columns offset:offset + rows
+    def __init__(self, uniforms, rows=1, shard=(0, 1)):
+        # [bound blocks, rows x world size] CPU float tensor, or None; rank r's row gates
+        # are the columns r * rows : (r + 1) * rows
         self.uniforms = uniforms
-        self.rows, self.offset = rows, offset
+        self.rows, self.shard = rows, shard
         self.gates: dict = {}     # block key -> bool (batch) or CPU bool tensor (rows)
         self.asks: dict = {}      # block key -> autograd sequence number at its ask
 
@@ -140,9 +143,13 @@ class GateGenerator:
 
     @property
     def shard(self) -> tuple[int, int] | None:
-        """``(rank, world_size)`` whose rows this process's row gates are, or None: the
-        default process group's (``(0, 1)`` without one). Set it to reproduce a rank's
-        gates in a single process."""
+        """``(rank, world_size)`` of this process in data parallelism: its row gates are
+        that rank's rows of the step's draw. None (the default): the default process
+        group's rank and size, ``(0, 1)`` without one. Set it where those are not the
+        data-parallel ones (tensor or context parallel peers see the same samples and
+        must draw the same rows: give them their data-parallel rank), or to reproduce a
+        rank's gates in one process. It belongs to the process: copies in the same
+        process keep it, pickles do not."""
         return self._shard
 
     @shard.setter
@@ -201,13 +208,12 @@ class GateGenerator:
                 # a block first run inside a backward pass: an ordinary ask
             step = self._steps[-1] if self._steps else None
             if step is None or key in step.gates:
-                n, rank, world = 1, 0, 1
+                n, shard = 1, (0, 1)
                 if rows is not None:
-                    n = max(int(rows), 1)
-                    rank, world = self._rank_world()
-                u = (torch.rand((self._bound, n * world), generator=self._gen)
+                    n, shard = max(int(rows), 1), self._rank_world()
+                u = (torch.rand((self._bound, n * shard[1]), generator=self._gen)
                      if self._bound else None)
-                step = _Step(u, n, rank * n)
+                step = _Step(u, n, shard)
                 self._steps = self._steps[-(_STEPS_KEPT - 1):] + [step]
             g = step.gates.get(key)
             if g is None:
@@ -216,17 +222,21 @@ class GateGenerator:
             return g
 
     def _decide(self, step, key, p, rows):
-        u, off = step.uniforms, step.offset
+        u = step.uniforms
+        shard = None if rows is None else self._rank_world()
         if isinstance(key, int) and u is not None and key < u.shape[0]:
             if rows is None:
                 return bool(u[key, 0].item() < p)  # the same on every rank
-            if rows == step.rows:
-                return u[key, off:off + rows] < p
+            # drawn for these rows on this shard (a step first asked by a batch gate
+            # was drawn for one row and no shard)
+            if rows == step.rows and shard == step.shard:
+                return u[key, shard[0] * rows:(shard[0] + 1) * rows] < p
         # unbound block, or a row count the step was not drawn for: a draw of its own
         if rows is None:
             return bool(torch.rand((), generator=self._gen).item() < p)
-        rank, world = self._rank_world()
-        return torch.rand((rows * world,), generator=self._gen)[rank * rows:(rank + 1) * rows] < p
+        rank, world = shard
+        u = torch.rand((rows * world,), generator=self._gen)
+        return u[rank * rows:(rank + 1) * rows] < p
 
     def last_step(self) -> dict:
         """Block key -> gate of the latest training forward (empty before the first)."""
@@ -262,11 +272,11 @@ class GateGenerator:
     # torch.Generator cannot be deep-copied or pickled itself; copies of a model
     # (convert(inplace=False), torch.save of a whole model) carry the state instead.
     def __getstate__(self):
-        return dict(self.state_dict(), shard=self._shard)
+        return self.state_dict()
 
     def __setstate__(self, state):
         self._gen = torch.Generator(device="cpu")
-        self._shard = state.get("shard") if isinstance(state, dict) else None
+        self._shard = None
         self.initial_seed = None
         self._bound = state.get("bound", 0) if isinstance(state, dict) else 0
         self._steps = []
@@ -275,6 +285,7 @@ class GateGenerator:
     def __deepcopy__(self, memo):
         new = GateGenerator.__new__(GateGenerator)
         new.__setstate__(self.__getstate__())
+        new._shard = self._shard  # same process
         memo[id(self)] = new
         return new
 

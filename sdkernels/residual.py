@@ -50,7 +50,7 @@ MODES = ("batch", "row")
 #: Default ``gather_min_drop``: the dropped fraction of a mini-batch from which row mode
 #: gathers the survivors of a per-sample branch. On the 2-core CPU (batch 32,
 #: ``python -m sdkernels.bench.rowscaling``, benchmarks/RESULTS.md) gathering and
-#: scattering cost about 3% of a ViT-Tiny residual's time and 3-6% of a ConvNeXt-Atto
+#: scattering cost about 3-5% of a ViT-Tiny residual's time and 4-6% of a ConvNeXt-Atto
 #: one's, more than one row of 32 saves; 1/16 keeps the one-row drops of a batch of 32
 #: (the common case at drop rates <= 0.1) masked.
 GATHER_MIN_DROP = 1 / 16
@@ -144,13 +144,14 @@ def _inverse(order):
     return inv
 
 
-# Row mode works on a tensor's rows as the dense blocks they are in memory, whatever the
-# layout: a channels-last [N, C, H, W] tensor is handled as its contiguous [N, H, W, C]
+# Row mode works on a tensor's rows as the dense blocks they are in memory: a
+# channels-last [N, C, H, W] tensor is handled as its contiguous [N, H, W, C]
 # permutation. index_select and index_add_ on that view keep the layout (index_select
 # on the tensor itself returns NCHW, which makes every convolution after it reorder its
-# data) and take the contiguous kernels: advanced indexing on the channels-last tensor
-# keeps its layout but goes through index / index_put_ with accumulate in backward, 2-3
-# times the cost (ConvNeXt-Atto, benchmarks/RESULTS.md).
+# data) and take the contiguous kernels; advanced indexing on the channels-last tensor
+# keeps its layout too, but its backward is index_put_ with accumulation, the slower
+# path (ConvNeXt-Atto row mode, benchmarks/RESULTS.md). Other layouts take plain
+# indexing.
 
 def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t``'s rows ``idx``, in ``t``'s memory layout."""
@@ -168,12 +169,9 @@ def _rows_into(base: torch.Tensor, idx: torch.Tensor, f: torch.Tensor, s, add: b
     view, f = (out, f) if not order else (out.permute(order), f.permute(order))
     if not add:
         view.index_copy_(0, idx, f)
-    elif s is None:
-        view.index_add_(0, idx, f)
-    elif torch.compiler.is_compiling():  # see _add_scaled
-        view.index_add_(0, idx, f * s)
     else:
-        view.index_add_(0, idx, f, alpha=s)
+        f, alpha = _with_alpha(f, s)
+        view.index_add_(0, idx, f, alpha=alpha)
     return out
 
 
@@ -225,13 +223,22 @@ class Residual:
         return out if self.post is None else self.post(out)
 
 
-def _add_scaled(sc, f, s: float):
-    """sc + s * f. Eager: torch.add's alpha, one pass. Under torch.compile a multiply,
-    because Dynamo specialises a Python float passed as alpha (one compile per distinct
-    p) but makes one that is multiplied in a graph input; Inductor fuses it anyway."""
+def _with_alpha(f, s):
+    """(f', alpha) with alpha * f' = s * f (s None: 1). Eager: the op's alpha, no extra
+    pass. Under torch.compile a multiply, because Dynamo specialises a Python float
+    passed as alpha (one compile per distinct p) but makes one that is multiplied a
+    graph input; Inductor fuses it anyway."""
+    if s is None:
+        return f, 1
     if torch.compiler.is_compiling():
-        return sc + f * s
-    return torch.add(sc, f, alpha=s)
+        return f * s, 1
+    return f, s
+
+
+def _add_scaled(sc, f, s: float):
+    """sc + s * f (see _with_alpha)."""
+    f, alpha = _with_alpha(f, s)
+    return torch.add(sc, f, alpha=alpha)
 
 
 def _post_of_input(post, out, x):
@@ -254,7 +261,12 @@ class _Setting:
         self.attr = "_" + name
 
     def __get__(self, obj, owner=None):
-        return self if obj is None else obj.__dict__[self.attr]
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.attr]
+        except KeyError:  # not set yet (a module being built): what hasattr expects
+            raise AttributeError(self.attr[1:]) from None
 
     def __set__(self, obj, value):
         obj.__dict__[self.attr] = self.check(value)
@@ -267,14 +279,16 @@ def _check_generator(g):
 
 
 def _check_int(v, what, least):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
-        raise ValueError(f"{what} must be an int >= {least}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {v!r}")
+    if v < least:
+        raise ValueError(f"{what} must be >= {least}, got {v!r}")
     return int(v)
 
 
-def _check_bool(v):
+def _check_bool(v, what):
     if not isinstance(v, bool):
-        raise TypeError(f"per_sample_branch must be a bool, got {v!r}")
+        raise TypeError(f"{what} must be a bool, got {v!r}")
     return v
 
 
@@ -332,7 +346,7 @@ class GatedResidual(nn.Module):
     gate_generator = _Setting(_check_generator)
     # row mode (see _init_gate)
     min_rows = _Setting(lambda v: _check_int(v, "min_rows", 1))
-    per_sample_branch = _Setting(_check_bool)
+    per_sample_branch = _Setting(lambda v: _check_bool(v, "per_sample_branch"))
     gather_min_drop = _Setting(lambda v: _check_fraction(v, "gather_min_drop"))
 
     def extra_repr(self) -> str:

@@ -8,8 +8,9 @@ of these per rank, as ``test_distributed.py`` does for the CIFAR ResNet. Every r
 for each configuration in ``CONFIGS``, a converted timm model (a ViT and a ConvNeXt, in
 row and batch mode) under DistributedDataParallel with its defaults (in particular no
 ``find_unused_parameters``) on its own shard of fixed synthetic batches, and checks on the
-spot what only it can see: a residual dropped on the whole shard gives its branch
-parameters zero gradients, not None. Rank 0 gathers everything the parent compares and
+spot what only it can see: a residual dropped on its whole shard still gives its branch
+parameters a gradient (not None; zeros when it was dropped on every rank, else the other
+ranks' average after the all-reduce). Rank 0 gathers everything the parent compares and
 saves it to OUT_FILE. Model, data and optimizer come from the functions below, which the
 parent's single-process reference uses too.
 
@@ -147,8 +148,8 @@ def train_config(arch, mode, rank, world):
         loss.backward()
         gates = [gate_value(g.last_gate) for g, _ in residuals]
         # row gates are each rank's own rows of one global draw, batch gates the same
-        all_gates = [None] * world
-        dist.all_gather_object(all_gates, gates)
+        ddp_record_step(rec, world, flat_grads(model), gates, loss)
+        all_gates = rec["rank_gates"][-1]
         rec["none_grads"] += [(step, n) for n, p in model.named_parameters() if p.grad is None]
         for i, (v, (_, params)) in enumerate(zip(gates, residuals)):
             everywhere = all(fully_dropped(o[i]) for o in all_gates)
@@ -165,7 +166,6 @@ def train_config(arch, mode, rank, world):
                 rec["ran_checked"] += 1
                 if not any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in params):
                     rec["problems"].append((step, i, "*", "a residual that ran has no gradient"))
-        ddp_record_step(rec, world, flat_grads(model), gates, loss)
         opt.step()
     ddp_record_final(rec, world, flat_params(model))
     for key in ("problems", "none_grads"):

@@ -172,8 +172,14 @@ def run_ddp_workers(worker: Path, world: int, out: Path, timeout: float) -> dict
                 stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout
     try:
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 1))
+        for r, p in enumerate(procs):
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                logs = "\n".join(f"--- rank {i}:\n{f.read_text()[-2000:]}"
+                                  for i, f in enumerate(log_files))
+                raise AssertionError(f"DDP rank {r} still running after {timeout} s\n"
+                                     f"{logs}") from None
     finally:
         for p in procs:
             if p.poll() is None:

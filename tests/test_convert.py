@@ -362,9 +362,12 @@ def test_converted_blocks_store_a_stable_family_key_and_read_old_pickles():
     old = pickle.loads(pickle.dumps(model))
     with torch.no_grad():
         torch.testing.assert_close(old(x), before, rtol=0, atol=0)
-    assert len(old[1].sd_gates()) == 2
+    assert len(old[1].sd_gates()) == 2 and old[1]._sd_family == "transformer"
     sdkernels.revert(old)
     assert [type(b) for b in old] == [_ViTBlock, _ViTBlock]
+    model[0]._sd_family = "no.such.family"
+    with pytest.raises(ValueError, match="no.such.family"):
+        model(x)
 
 
 def test_no_residual_blocks_is_an_error():

@@ -39,8 +39,6 @@ FAMILIES = [pytest.param(s, id=s.name) for s in fm.SPECS]
 TOL = 1e-9  # relative error allowed at p = 1 in float64
 
 
-
-
 def _converted_blocks(model):
     return [b for _, b in residual_blocks(model)]
 

@@ -1,7 +1,10 @@
-"""Gates come from a library-owned host generator: seeded, resumable, rank-identical."""
+"""Gates come from a library-owned host generator: seeded, resumable, one draw per step
+shared by the ranks of a data-parallel job (batch gates alike, row gates per rank)."""
 import copy
 import io
+import pickle
 
+import pytest
 import torch
 
 import sdkernels
@@ -143,10 +146,6 @@ def test_survivors_rejects_device_gates():
 def test_row_gates_of_a_shard_are_its_rows_of_the_global_draw():
     # a distributed job draws row gates for the global batch once per step (the same
     # draw on every rank) and each rank takes its own rows; batch gates stay shared
-    import pickle
-
-    import pytest
-
     class Key:
         pass
 
@@ -163,8 +162,28 @@ def test_row_gates_of_a_shard_are_its_rows_of_the_global_draw():
     assert parts[0][2] == parts[1][2] == whole[2]
     assert not torch.equal(parts[0][0], parts[1][0]) or not torch.equal(parts[0][1], parts[1][1])
     g = GateGenerator(1, shard=(1, 4))
-    assert copy.deepcopy(g).shard == (1, 4) and pickle.loads(pickle.dumps(g)).shard == (1, 4)
+    # the shard belongs to the process: a copy keeps it, a pickle (another process) not
+    assert copy.deepcopy(g).shard == (1, 4) and pickle.loads(pickle.dumps(g)).shard is None
     assert GateGenerator(1).shard is None  # the process group's (0, 1 without one)
     for bad in [(2, 2), (-1, 2), (0, 0), [0, 2], (0.0, 2), (True, 2)]:
         with pytest.raises(ValueError, match="shard"):
             GateGenerator(1, shard=bad)
+
+
+def test_mixed_batch_and_row_gates_of_one_row_per_shard_differ_across_ranks():
+    # a step first asked by a batch gate is drawn for one row and no shard; a row gate
+    # of one row per rank must still be its rank's own, not column 0 on every rank
+    class Key:
+        pass
+
+    blocks = [Key() for _ in range(2)]
+    same = 0
+    for seed in range(20):
+        drawn = []
+        for r in range(2):
+            gen = GateGenerator(seed, shard=(r, 2))
+            gen.bind(blocks)
+            gen.gate(0, 0.5)  # batch gate first
+            drawn.append(gen.gate(1, 0.5, 1))
+        same += bool(torch.equal(drawn[0], drawn[1]))
+    assert same < 20  # equal only by chance (about half the time), never always

@@ -4,15 +4,18 @@ The time-weighted prediction of ``sdkernels.bench.droppath`` assumes that a resi
 branch run on k of n rows costs k/n of its full time. This tool measures that
 assumption on a converted timm model, with every residual keeping exactly k rows
 (random ones, a fresh draw per residual and step; ``gather_min_drop`` set to 0 so that
-every residual gathers):
+every residual gathers; a branch with BatchNorm masks a step with one survivor, so keep
+k >= 2 there):
 
 * ``all``    every residual on all n rows (the active path);
 * ``none``   every residual dropped (the fixed part of the step);
 * ``k=K``    every residual on K rows: measured against ``none + K/n (all - none)``.
 
 With ``--profile`` it also runs the PyTorch profiler on ``all`` and on each ``k=K`` and
-sums self CPU time per operator, split into the row-mode bookkeeping (gather, scatter,
-copies, fills) and everything else, and per (operator, input shape) for the largest
+sums self CPU time per operator, split into the operators row mode's bookkeeping uses
+(:data:`ROW_OPS`: gather, scatter, copies, fills; the network and the optimizer use some
+of them too, which the linear interpolation of the all-rows and no-rows profiles
+accounts for) and everything else, and per (operator, input shape) for the largest
 compute operators, so that a gap can be told apart into gather/scatter cost and kernels
 that do not scale linearly with their rows.
 
@@ -49,6 +52,12 @@ class KeepK(GateGenerator):
         super().__init__(seed=seed)
         self.k = k
 
+    def __reduce__(self):  # not GateGenerator's state-only copy: stay a KeepK
+        return (KeepK, (self.k, self.initial_seed))
+
+    def __deepcopy__(self, memo):
+        return KeepK(self.k, self.initial_seed)
+
     def batch(self, p):
         return True
 
@@ -77,14 +86,27 @@ def _profile(step, x, y, reps=2):
     for e in prof.key_averages(group_by_input_shape=True):
         ms = e.self_cpu_time_total / 1e3 / reps
         by_op[e.key] = by_op.get(e.key, 0.0) + ms
-        by_shape[(e.key, str(e.input_shapes[:2]))] = ms
+        first = tuple(e.input_shapes[0]) if e.input_shapes and e.input_shapes[0] else ()
+        by_shape[(e.key, first)] = by_shape.get((e.key, first), 0.0) + ms
     return by_op, by_shape
 
 
 def measure(name: str, keeps, *, batch=32, image_size=128, rounds=8, warmup=1, threads=2,
             seed=0, profile=False, depth=None) -> dict:
-    """Time (and with ``profile`` profile) the variants of the module docstring."""
+    """Time (and with ``profile`` profile) the variants of the module docstring, with
+    ``threads`` torch threads and denormals flushed, as sdkernels.bench.droppath does;
+    both are restored on return."""
+    old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    try:
+        return _measure(name, keeps, batch, image_size, rounds, warmup, seed, profile, depth)
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.set_flush_denormal(False)  # torch's default
+
+
+def _measure(name, keeps, batch, image_size, rounds, warmup, seed, profile, depth):
     torch.manual_seed(seed)
     cfg = DropPathConfig(batch_size=batch, image_size=image_size, depth=depth)
     model = convert(create_model(name, 0.0, timm_kwargs(name, cfg)), mode="row",
@@ -100,9 +122,9 @@ def measure(name: str, keeps, *, batch=32, image_size=128, rounds=8, warmup=1, t
                          seed=seed)
     kept = {}
 
-    def read_gates(name, _round, _seconds):
-        kept[name] = {int(g.last_gate.sum()) for _, b in residual_blocks(variants[name])
-                      for g in gates_of(b)}
+    def read_gates(variant, _round, _seconds):
+        kept[variant] = {int(g.last_gate.sum()) for _, b in residual_blocks(variants[variant])
+                         for g in gates_of(b)}
 
     times = interleaved_timing(steps, inputs, rounds=rounds, warmup=warmup, on_step=read_gates)
     centre = paired_centres(times, reference="all")
@@ -115,7 +137,7 @@ def measure(name: str, keeps, *, batch=32, image_size=128, rounds=8, warmup=1, t
                      "over_linear": t / pred, "vs_all": t / t_all})
     rec = {"model": name, "batch": batch, "image_size": image_size, "rounds": rounds,
            "all_ms": t_all * 1e3, "none_ms": t_none * 1e3, "rows": rows, "kept": kept,
-           "env": environment("cpu")}
+           "env": {**environment("cpu"), "flush_denormal": True}}
     if profile:
         x, y = inputs[0]
         rec["profile"] = {"all": _profile(steps["all"], x, y),
@@ -150,16 +172,16 @@ def format_record(rec: dict) -> str:
         lin_row = z_row + k / n * (a_row - z_row)
         lin_rest = z_rest + k / n * (a_rest - z_rest)
         out.append(f"  {k:4d} {k_row:16.1f} {lin_row:9.1f} {k_rest:11.1f} {lin_rest:9.1f}")
-        # compute operators whose inputs had n rows, against the same with k rows
+        # compute operators whose first input had n rows, against the same with k rows
         pairs = []
-        for (op, shapes), ms in a_shape.items():
-            if op in ROW_OPS or f"[{n}, " not in shapes:
+        for (op, first), ms in a_shape.items():
+            if op in ROW_OPS or not first or first[0] != n or ms <= 0.5:
                 continue
-            twin = (op, shapes.replace(f"[{n}, ", f"[{k}, "))
-            if twin in k_shape and ms > 0.5:
-                pairs.append((ms, op, shapes, k_shape[twin]))
-        for ms, op, shapes, kms in sorted(pairs, reverse=True)[:8]:
-            out.append(f"    {op[6:]:28s} {shapes[:56]:56s} {ms:7.2f} -> {kms:6.2f} ms "
+            twin = (op, (k,) + first[1:])
+            if twin in k_shape:
+                pairs.append((ms, op, first, k_shape[twin]))
+        for ms, op, first, kms in sorted(pairs, reverse=True)[:8]:
+            out.append(f"    {op[6:]:40s} {str(list(first)):20s} {ms:7.2f} -> {kms:6.2f} ms "
                        f"({kms / ms:.2f}; linear {k / n:.2f})")
     return "\n".join(out)
 
