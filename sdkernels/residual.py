@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .gates import GateGenerator, default_generator, recomputing, survivors
-from .ops import reference
+from .ops import reference, row_path
 from .schedule import check_prob
 
 __all__ = ["GatedResidual", "Residual", "decide", "StochasticDepth", "ResidualGate", "MODES",
@@ -381,7 +381,9 @@ class GatedResidual(nn.Module):
         Everything that differs between residuals (generator key, p, s, survivors) is
         decided here, on the host side of the graph break: under torch.compile a module
         attribute read after the break would be a guard that compiles the code after it
-        once per residual. Callers call :func:`decide` at their own call site, so each call site resumes in its own compiled frame (design §2).
+        once per residual. Callers call :func:`decide` at their own call site, so each
+        call site resumes in its own compiled frame (design §2). Whether a row-mode
+        residual gathers or masks is :func:`sdkernels.ops.row_path`'s choice.
         """
         p = self._survival_prob
         rows = None if self._mode == "batch" else x.shape[0]
@@ -397,16 +399,16 @@ class GatedResidual(nn.Module):
         if rows is None:
             return ("active" if g else "dropped"), s, None
         n, idx = survivors(g)
-        if n == 0 or n == rows:
-            return ("dropped" if n == 0 else "active"), s, None
-        if n < self._min_rows:
-            # BatchNorm over one sample: degenerate statistics, and an error where that is
-            # one value per channel (SelectiveKernel's attention pools to 1x1). This step
-            # runs the branch on the whole batch, masked, as the naive implementation does.
-            _warn_masked_once(self)
-            return "mask", s, g
-        if self._per_sample_branch and rows - n < self._gather_min_drop * rows:
-            return "mask", s, g  # per-sample norms: the same result, the cheaper way
+        path, why = row_path(n, rows, min_rows=self._min_rows,
+                             per_sample_branch=self._per_sample_branch,
+                             gather_min_drop=self._gather_min_drop)
+        if path != "rows":
+            if why == "min_rows":
+                # BatchNorm over one sample: degenerate statistics, and an error where
+                # that is one value per channel (SelectiveKernel's attention pools to
+                # 1x1). This step runs the branch on the whole batch, masked.
+                _warn_masked_once(self)
+            return path, s, (g if path == "mask" else None)
         # a new survivor count reuses the compiled graph instead of compiling one per count
         torch._dynamo.decorators.mark_unbacked(idx, 0)
         return "rows", s, idx

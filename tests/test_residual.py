@@ -491,3 +491,17 @@ def test_channels_last_rows_take_the_contiguous_kernels():
         out.backward(torch.randn_like(out))
     assert {"index_select", "index_add_"} <= ops.seen or {"index_select", "index_add"} <= ops.seen
     assert not {"index", "index_put", "index_put_", "_index_put_impl_"} & ops.seen, ops.seen
+
+
+@pytest.mark.parametrize("kept, min_rows, per_sample, expect", [
+    (0, 1, True, ("dropped", None)),
+    (32, 1, True, ("active", None)),
+    (31, 1, True, ("mask", "few_dropped")),   # 1 of 32 dropped < 1/16
+    (30, 1, True, ("rows", None)),            # 2 of 32: gathered
+    (31, 2, False, ("rows", None)),           # BatchNorm branch: always gathers...
+    (1, 2, False, ("mask", "min_rows")),      # ...unless one survivor
+])
+def test_row_path_is_chosen_in_one_place(kept, min_rows, per_sample, expect):
+    from sdkernels.ops import row_path
+    assert row_path(kept, 32, min_rows=min_rows, per_sample_branch=per_sample,
+                    gather_min_drop=1 / 16) == expect

@@ -6,6 +6,9 @@ the backend comes from :func:`sdkernels.backends.resolve_backend`, the device ty
 A key that is not in the table (every ``reference`` key) runs the modules. The entry
 says how a residual block, a stem and the module path's BN tail run on that key.
 
+:func:`row_path` chooses how a row-mode residual of any branch runs: gathered
+survivors, or the naive mask multiply beside it.
+
 The fused entries apply to a call only when its plan is fusable (plain layers, no
 hooks) and the call allows it (:func:`fused_applies`); otherwise the modules run, which
 is always correct, so every fast path has the module path as its reference beside it.
@@ -21,7 +24,7 @@ from ..backends import effective_device_type, resolve_backend
 from . import extension, folded_eval, folding, fused_block, reference
 from .plan import BranchPlan, StemPlan, bn_call_args, train_stages
 
-__all__ = ["Implementation", "implementation", "fused_applies", "residual_block",
+__all__ = ["Implementation", "implementation", "fused_applies", "row_path", "residual_block",
            "conv_bn_relu", "residual_branch_train", "batch_norm_add_relu",
            "scale_bias_add_relu", "SHORTCUT"]
 
@@ -107,6 +110,26 @@ def implementation(device, training: bool) -> Implementation:
     key = (resolve_backend(device), effective_device_type(device),
            "train" if training else "eval")
     return _IMPLEMENTATIONS.get(key, _MODULES)
+
+
+def row_path(kept: int, rows: int, *, min_rows: int, per_sample_branch: bool,
+             gather_min_drop: float) -> tuple[str, str | None]:
+    """How a row-mode residual runs with ``kept`` of ``rows`` samples surviving:
+    ``("dropped" | "active" | "rows" | "mask", why)``. "rows" gathers the survivors
+    (real skipping); "mask" computes every row and multiplies by the mask, the naive
+    implementation, which is the reference beside the gather: ``why`` is "min_rows"
+    when the branch cannot run on so few rows (BatchNorm over one sample), "few_dropped"
+    when a per-sample branch drops too few rows to pay for the gather and scatter
+    (the same result, cheaper; design §2)."""
+    if kept == 0:
+        return "dropped", None
+    if kept == rows:
+        return "active", None
+    if kept < min_rows:
+        return "mask", "min_rows"
+    if per_sample_branch and rows - kept < gather_min_drop * rows:
+        return "mask", "few_dropped"
+    return "rows", None
 
 
 def _fused(x: torch.Tensor, plan):
