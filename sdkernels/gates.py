@@ -333,7 +333,10 @@ def survivors(keep: torch.Tensor) -> tuple[int, torch.Tensor]:
         if keep.device.type != "cpu":
             raise ValueError(f"row gates must be a CPU tensor (drawn on the host), got "
                              f"one on {keep.device}")
-        return int(keep.sum()), keep.nonzero().squeeze(1)
+        # a tensor of its own, not a view of nonzero's [n, 1] result: torch.compile
+        # marks the indices' size unbacked, and a view's base would still be guarded on
+        # (a one-survivor step then compiled a graph of its own)
+        return int(keep.sum()), keep.nonzero().squeeze(1).clone()
 
 
 _default = GateGenerator()
