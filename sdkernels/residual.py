@@ -10,17 +10,18 @@ probability, mode, scaling, generator, last gate) and applies the rule to a
   only (gathered in the input's memory layout) and its output is added into theirs with
   ``index_add_`` on a copy of the shortcut. A per-sample branch (no BatchNorm) with
   fewer than ``gather_min_drop`` of its rows dropped is multiplied by the mask instead:
-  the same result, cheaper than gathering. A BatchNorm inside the branch therefore normalises with the survivors'
-  statistics; LayerNorm and GroupNorm are per sample and give exactly what a full batch
-  gives on those rows.
+  the same result, cheaper than gathering (:func:`sdkernels.ops.row_path` chooses). A
+  BatchNorm inside the branch therefore normalises with the survivors' statistics;
+  LayerNorm and GroupNorm are per sample and give exactly what a full batch gives on
+  those rows.
 * eval: ``post(shortcut(x) + p * f(x))`` for ``scaling="test"`` (the paper),
   ``post(shortcut(x) + f(x))`` for ``scaling="train"`` (torchvision/timm, whose training
   scale is 1/p).
 
-The row result is written into a copy of the shortcut, never into ``x``: the block's input may
-still be needed as it is by its caller (timm's ``forward_intermediates`` keeps block
-outputs, activation checkpointing recomputes from them), and an in-place add would
-change it silently. The one copy of ``x`` this costs is what ``x + f`` costs in any
+The row result is written into a copy of the shortcut, never into ``x``: the block's
+input may still be needed as it is by its caller (timm's ``forward_intermediates``
+keeps block outputs, activation checkpointing recomputes from them), and an in-place
+add would change it silently. The one copy of ``x`` this costs is what ``x + f`` costs in any
 residual network.
 
 :class:`StochasticDepth` is the public wrapper (a branch module, a shortcut, an
@@ -122,26 +123,23 @@ def decide(gate: "GatedResidual", x: torch.Tensor):
     return gate.draw(x) if gate.training else None
 
 
+# channels-last layouts: the permutation that makes the tensor contiguous, and back
+_CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1), (0, 3, 1, 2)),
+                  5: (torch.channels_last_3d, (0, 2, 3, 4, 1), (0, 4, 1, 2, 3))}
+
+
 def _row_order(t: torch.Tensor):
-    """The dimension order in which ``t``'s rows are dense blocks: ``()`` when ``t`` is
-    contiguous, the permutation that makes a channels-last tensor contiguous, None for
-    any other layout (rows need not be blocks: plain indexing). Named layouts rather
-    than a sort of the strides: under torch.compile strides are symbolic, and a sort on
-    them is a graph break."""
+    """``(order, inverse)`` in which ``t``'s rows are dense blocks: ``((), ())`` when
+    ``t`` is contiguous, the channels-last permutation and its inverse, None for any
+    other layout (rows need not be blocks: plain indexing). Named layouts rather than a
+    sort of the strides: under torch.compile strides are symbolic, and a sort on them is
+    a graph break."""
     if t.is_contiguous():
-        return ()
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return (0, 2, 3, 1)
-    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return (0, 2, 3, 4, 1)
+        return (), ()
+    fmt = _CHANNELS_LAST.get(t.dim())
+    if fmt is not None and t.is_contiguous(memory_format=fmt[0]):
+        return fmt[1], fmt[2]
     return None
-
-
-def _inverse(order):
-    inv = [0] * len(order)
-    for i, d in enumerate(order):
-        inv[d] = i
-    return inv
 
 
 # Row mode works on a tensor's rows as the dense blocks they are in memory: a
@@ -155,17 +153,19 @@ def _inverse(order):
 
 def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t``'s rows ``idx``, in ``t``'s memory layout."""
-    order = _row_order(t)
-    if order is None:
+    layout = _row_order(t)
+    if layout is None:
         return t[idx]
+    order, inverse = layout
     if not order:
         return t.index_select(0, idx)
-    return t.permute(order).index_select(0, idx).permute(_inverse(order))
+    return t.permute(order).index_select(0, idx).permute(inverse)
 
 
 def _rows_into(base: torch.Tensor, idx: torch.Tensor, f: torch.Tensor, s, add: bool):
     out = base.clone()  # same memory layout; a tensor of our own to write into
-    order = _row_order(out)  # None (rows not blocks, e.g. a transposed [L, N, C]): as is
+    layout = _row_order(out)  # None (rows not blocks, e.g. a transposed [L, N, C]): as is
+    order = () if layout is None else layout[0]
     view, f = (out, f) if not order else (out.permute(order), f.permute(order))
     if not add:
         view.index_copy_(0, idx, f)
