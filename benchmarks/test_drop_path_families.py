@@ -114,7 +114,8 @@ def test_drop_path_vs_timm(benchmark, net_settings, capsys, tmp_path, model):
 @pytest.mark.slow
 def test_row_scaling_tool(benchmark, net_settings, capsys):
     """``python -m sdkernels.bench.rowscaling``: a row step with every residual keeping
-    exactly k rows, against the linear prediction. No target: it is the diagnostic behind
+    exactly k rows, against the linear prediction and against the same residuals run on a
+    batch of k samples (the ideal row step). No target: it is the diagnostic behind
     the row-mode gap in benchmarks/RESULTS.md; this checks it runs and measures what it
     says (every residual of a k=K variant kept K rows)."""
     from sdkernels.bench.rowscaling import format_record, measure
@@ -143,4 +144,7 @@ def test_row_scaling_tool(benchmark, net_settings, capsys):
         assert rec["kept"][f"k={k}"] == {k}
     for row in rec["rows"]:
         assert math.isfinite(row["over_linear"]) and row["ms"] > 0
+        # the split of the gap: every residual on a batch of k samples, timed beside it
+        assert {f"all@{row['keep']}", f"none@{row['keep']}"} <= set(rec["variants"])
+        assert math.isfinite(row["ideal_over_linear"]) and row["ideal_ms"] > 0
     assert set(rec["profile"]) == {"all", "none", *keeps}

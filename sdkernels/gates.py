@@ -48,11 +48,13 @@ number is the forward being replayed; other forwards' asks are a whole forward a
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._ops import _len_torch_dispatch_stack_pre_dispatch
 from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = [
@@ -111,7 +113,11 @@ def _recomputed_step(steps, key):
 
 def _host():
     """No dispatch mode (FakeTensorMode, a recorder...) sees host-side gate work: gates
-    are real host values whatever mode the model runs under."""
+    are real host values whatever mode the model runs under. With no mode active (the
+    common case) there is nothing to switch off: popping and restoring the mode stacks
+    costs a few microseconds on every gate, host time between the step's kernels."""
+    if not torch._C._len_torch_dispatch_stack() and not _len_torch_dispatch_stack_pre_dispatch():
+        return contextlib.nullcontext()
     return _disable_current_modes()
 
 
@@ -336,7 +342,8 @@ def survivors(keep: torch.Tensor) -> tuple[int, torch.Tensor]:
         # a tensor of its own, not a view of nonzero's [n, 1] result: torch.compile
         # marks the indices' size unbacked, and a view's base would still be guarded on
         # (a one-survivor step then compiled a graph of its own)
-        return int(keep.sum()), keep.nonzero().squeeze(1).clone()
+        idx = keep.nonzero().squeeze(1).clone()
+        return idx.numel(), idx
 
 
 _default = GateGenerator()

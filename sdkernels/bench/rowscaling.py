@@ -9,7 +9,17 @@ k >= 2 there):
 
 * ``all``    every residual on all n rows (the active path);
 * ``none``   every residual dropped (the fixed part of the step);
-* ``k=K``    every residual on K rows: measured against ``none + K/n (all - none)``.
+* ``k=K``    every residual on K rows: measured against ``none + K/n (all - none)``;
+* ``all@K``, ``none@K`` (unless ``batch_of_k=False``): ``all`` and ``none`` on a batch of
+  K samples. ``all@K - none@K`` is what the residuals cost on K rows with nothing of row
+  mode around them, so the step over the linear prediction splits into two parts:
+
+  - *branch scaling*: ``none + (all@K - none@K)`` (the ideal row step) over linear: a
+    branch on K rows costs more than K/n of its time on n (weight packing, weight
+    gradients and per-operator costs do not shrink with the rows). No row-mode
+    implementation can remove this part;
+  - *row mode's own cost*: the step over the ideal row step: gather, scatter, the copy
+    of the shortcut, the extra autograd nodes and the host-side draw.
 
 With ``--profile`` it also runs the PyTorch profiler on ``all`` and on each ``k=K`` and
 sums self CPU time per operator, split into the operators row mode's bookkeeping uses
@@ -25,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 
 import torch
@@ -91,8 +100,13 @@ def _profile(step, x, y, reps=2):
     return by_op, by_shape
 
 
+def _first_rows(step, k):
+    """``step`` on the first ``k`` samples of each batch."""
+    return lambda x, y: step(x[:k], y[:k])
+
+
 def measure(name: str, keeps, *, batch=32, image_size=128, rounds=8, warmup=1, threads=2,
-            seed=0, profile=False, depth=None) -> dict:
+            seed=0, profile=False, depth=None, batch_of_k=True) -> dict:
     """Time (and with ``profile`` profile) the variants of the module docstring, with
     ``threads`` torch threads and denormals flushed, as sdkernels.bench.droppath does;
     both are restored on return."""
@@ -100,13 +114,15 @@ def measure(name: str, keeps, *, batch=32, image_size=128, rounds=8, warmup=1, t
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     try:
-        return _measure(name, keeps, batch, image_size, rounds, warmup, seed, profile, depth)
+        return _measure(name, keeps, batch, image_size, rounds, warmup, seed, profile, depth,
+                        batch_of_k)
     finally:
         torch.set_num_threads(old_threads)
         torch.set_flush_denormal(False)  # torch's default
 
 
-def _measure(name, keeps, batch, image_size, rounds, warmup, seed, profile, depth):
+def _measure(name, keeps, batch, image_size, rounds, warmup, seed, profile, depth,
+             batch_of_k):
     torch.manual_seed(seed)
     cfg = DropPathConfig(batch_size=batch, image_size=image_size, depth=depth)
     model = convert(create_model(name, 0.0, timm_kwargs(name, cfg)), mode="row",
@@ -118,13 +134,19 @@ def _measure(name, keeps, batch, image_size, rounds, warmup, seed, profile, dept
             raise ValueError(f"keep must be in (0, {batch}), got {k}")
         variants[f"k={k}"] = _with_gates(model, KeepK(k, seed))
     steps = {n: make_train_step(m) for n, m in variants.items()}
+    if batch_of_k:
+        for k in keeps:
+            for v in ("all", "none"):
+                steps[f"{v}@{k}"] = _first_rows(
+                    make_train_step(copy.deepcopy(variants[v])), k)
     inputs = make_inputs(batch, image_shape=(3, image_size, image_size), num_classes=1000,
                          seed=seed)
     kept = {}
 
     def read_gates(variant, _round, _seconds):
-        kept[variant] = {int(g.last_gate.sum()) for _, b in residual_blocks(variants[variant])
-                         for g in gates_of(b)}
+        if variant in variants:
+            kept[variant] = {int(g.last_gate.sum()) for _, b in
+                             residual_blocks(variants[variant]) for g in gates_of(b)}
 
     times = interleaved_timing(steps, inputs, rounds=rounds, warmup=warmup, on_step=read_gates)
     centre = paired_centres(times, reference="all")
@@ -133,9 +155,15 @@ def _measure(name, keeps, batch, image_size, rounds, warmup, seed, profile, dept
     for k in keeps:
         t = centre[f"k={k}"]
         pred = t_none + k / batch * (t_all - t_none)
-        rows.append({"keep": k, "ms": t * 1e3, "linear_ms": pred * 1e3,
-                     "over_linear": t / pred, "vs_all": t / t_all})
+        row = {"keep": k, "ms": t * 1e3, "linear_ms": pred * 1e3,
+               "over_linear": t / pred, "vs_all": t / t_all}
+        if batch_of_k:
+            ideal = t_none + centre[f"all@{k}"] - centre[f"none@{k}"]
+            row.update(ideal_ms=ideal * 1e3, ideal_over_linear=ideal / pred,
+                       over_ideal=t / ideal)
+        rows.append(row)
     rec = {"model": name, "batch": batch, "image_size": image_size, "rounds": rounds,
+           "variants": sorted(times),
            "all_ms": t_all * 1e3, "none_ms": t_none * 1e3, "rows": rows, "kept": kept,
            "env": {**environment("cpu"), "flush_denormal": True}}
     if profile:
@@ -156,10 +184,19 @@ def format_record(rec: dict) -> str:
     out = [f"{rec['model']}: batch {rec['batch']}, image {rec['image_size']}, "
            f"{rec['rounds']} rounds; all rows {rec['all_ms']:.1f} ms, every residual "
            f"dropped {rec['none_ms']:.1f} ms",
-           "  keep  step ms  linear ms  step/linear  step/all"]
+           "  keep  step ms  linear ms  step/linear  step/all  ideal ms  ideal/linear"
+           "  step/ideal"]
     for r in rec["rows"]:
-        out.append(f"  {r['keep']:4d} {r['ms']:8.1f} {r['linear_ms']:10.1f} "
-                   f"{r['over_linear']:12.3f} {r['vs_all']:9.3f}")
+        line = (f"  {r['keep']:4d} {r['ms']:8.1f} {r['linear_ms']:10.1f} "
+                f"{r['over_linear']:12.3f} {r['vs_all']:9.3f}")
+        if "ideal_ms" in r:
+            line += (f" {r['ideal_ms']:9.1f} {r['ideal_over_linear']:13.3f} "
+                     f"{r['over_ideal']:11.3f}")
+        out.append(line)
+    if any("ideal_ms" in r for r in rec["rows"]):
+        out.append("  (ideal: every residual run on a batch of keep samples, nothing of row "
+                   "mode around it; ideal/linear: branch scaling, step/ideal: row mode's "
+                   "own cost)")
     n = rec["batch"]
     prof = rec.get("profile")
     if prof:
@@ -197,11 +234,14 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=None,
                    help="fewer blocks, for a quick check (as sdkernels.bench.droppath)")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--no-batch-of-k", dest="batch_of_k", action="store_false",
+                   help="skip the all@K/none@K variants (the split into branch scaling "
+                        "and row mode's own cost)")
     args = p.parse_args(argv)
     keeps = [int(k) for k in args.keep.split(",")]
     rec = measure(args.model, keeps, batch=args.batch, image_size=args.image_size,
                   rounds=args.rounds, threads=args.threads, profile=args.profile,
-                  depth=args.depth)
+                  depth=args.depth, batch_of_k=args.batch_of_k)
     env = rec["env"]
     print(f"{env['device_name']}, {env['torch_threads']} threads, torch {env['torch']}")
     print(format_record(rec))
