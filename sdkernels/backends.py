@@ -167,6 +167,15 @@ def resolve_backend(device: torch.device | str) -> str:
             raise BackendUnavailableError(
                 f"sdkernels backend {_forced!r} cannot run on {device_type}: {why}")
         return _forced
+    return _auto_choice(device_type)
+
+
+# Traced by torch.compile, the first call's lazy fill of _auto would be guarded on ("cpu
+# not in _auto") and the frame compiled again on the next call: a wasted entry of
+# dynamo's recompile limit in every frame that reaches an op first. The choice is fixed
+# for the process, so dynamo may run this at trace time and keep the answer.
+@torch.compiler.assume_constant_result
+def _auto_choice(device_type: str) -> str:
     choice = _auto.get(device_type)
     if choice is None:
         choice = _auto[device_type] = _choose(device_type)

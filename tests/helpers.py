@@ -238,3 +238,24 @@ def broadcast_replica_params(reps) -> None:
         for ps in zip(*(r.parameters() for r in reps)):
             for p in ps[1:]:
                 p.copy_(ps[0])
+
+
+def gate_key(gate):
+    """Hashable form of a gate (bool in batch mode, bool tensor in row mode)."""
+    return tuple(gate.tolist()) if isinstance(gate, torch.Tensor) else bool(gate)
+
+
+def assert_twin_step(step: int, compiled_gates, eager_gates, loss_c, loss_e, model, eager,
+                     rtol: float, atol: float) -> tuple:
+    """A compiled model and its eager twin after one training step (backward done): the
+    same gates, loss and gradients. Returns the step's gate pattern."""
+    pattern = tuple(gate_key(g) for g in compiled_gates)
+    assert pattern == tuple(gate_key(g) for g in eager_gates), \
+        f"step {step}: compiled and eager drew different gates"
+    torch.testing.assert_close(loss_c, loss_e, rtol=rtol, atol=atol)
+    for (name, pc), pe in zip(model.named_parameters(), eager.parameters()):
+        assert (pc.grad is None) == (pe.grad is None), f"step {step}: {name}"
+        if pc.grad is not None:
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=rtol, atol=atol,
+                                       msg=lambda m: f"step {step}, grad of {name}: {m}")
+    return pattern

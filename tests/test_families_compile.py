@@ -39,6 +39,7 @@ dynamo = pytest.importorskip("torch._dynamo")
 
 import _families_models as fm  # noqa: E402
 import sdkernels  # noqa: E402
+from helpers import assert_twin_step  # noqa: E402
 from sdkernels.convert import gates_of, residual_blocks  # noqa: E402
 from sdkernels.gates import gate_record  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
@@ -97,10 +98,6 @@ def _path(g) -> str:
     return "active" if k == n else "dropped" if k == 0 else "one row" if k == 1 else "rows"
 
 
-def _gate_key(g):
-    return tuple(g.tolist()) if isinstance(g, torch.Tensor) else bool(g)
-
-
 class _Twins:
     """A converted model compiled with ``backend`` and an eager deep copy (same weights,
     same gate generator state), each with its own identical SGD optimizer. The eager
@@ -135,15 +132,8 @@ class _Twins:
         loss_e.backward()
         rec_c, rec_e = gate_record(self.model), gate_record(self.eager)
         assert len(rec_c) == self.n_gates
-        pattern = tuple(_gate_key(g) for g in rec_c)
-        assert pattern == tuple(_gate_key(g) for g in rec_e), \
-            f"step {step}: compiled and eager drew different gates"
-        torch.testing.assert_close(loss_c, loss_e, rtol=self.rtol, atol=self.atol)
-        for (name, pc), pe in zip(self.model.named_parameters(), self.eager.parameters()):
-            assert (pc.grad is None) == (pe.grad is None), f"step {step}: {name}"
-            if pc.grad is not None:
-                torch.testing.assert_close(pc.grad, pe.grad, rtol=self.rtol, atol=self.atol,
-                                           msg=lambda m: f"step {step}, grad of {name}: {m}")
+        pattern = assert_twin_step(step, rec_c, rec_e, loss_c, loss_e, self.model,
+                                   self.eager, self.rtol, self.atol)
         for opt in self.opts:
             opt.step()
         self.patterns.append(pattern)
