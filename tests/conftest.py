@@ -29,3 +29,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fresh_dynamo(one_thread):
+    """torch.compile tests: Dynamo as in a fresh process (caches, counters, compilation
+    metrics) before and after the test, which counts what it compiles."""
+    import torch._dynamo
+    from torch._dynamo.utils import clear_compilation_metrics, counters
+
+    def reset():
+        torch._dynamo.reset()
+        counters.clear()
+        clear_compilation_metrics()
+    reset()
+    yield
+    reset()

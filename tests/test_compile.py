@@ -22,19 +22,8 @@ from sdkernels.models.resnet import resnet18
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: one thread is faster on a busy 2-core box
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    counters.clear()
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile"),
+              pytest.mark.usefixtures("fresh_dynamo")]
 
 
 def _graphs() -> int:

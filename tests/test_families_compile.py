@@ -45,23 +45,11 @@ from sdkernels.gates import gate_record  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 pytestmark = [pytest.mark.thirdparty,
-              pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile")]
+              pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile"),
+              pytest.mark.usefixtures("fresh_dynamo")]
 
 DEFAULT_RECOMPILE_LIMIT = 8
 PATHS = {"batch": ("active", "dropped"), "row": ("active", "dropped", "one row", "rows")}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: one thread is faster on a busy 2-core box
-    torch._dynamo.reset()
-    counters.clear()
-    torch._dynamo.utils.clear_compilation_metrics()
-    yield
-    torch._dynamo.reset()
-    counters.clear()
-    torch.set_num_threads(threads)
 
 
 def _build(arch: str):
