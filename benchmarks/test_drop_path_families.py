@@ -144,7 +144,9 @@ def test_row_scaling_tool(benchmark, net_settings, capsys):
         assert rec["kept"][f"k={k}"] == {k}
     for row in rec["rows"]:
         assert math.isfinite(row["over_linear"]) and row["ms"] > 0
-        # the split of the gap: every residual on a batch of k samples, timed beside it
-        assert {f"all@{row['keep']}", f"none@{row['keep']}"} <= set(rec["variants"])
+        # the split of the gap: every residual on all rows of a batch of k samples, and
+        # on none, timed beside it
+        k = row["keep"]
+        assert rec["kept"][f"all@{k}"] == {k} and rec["kept"][f"none@{k}"] == {0}
         assert math.isfinite(row["ideal_over_linear"]) and row["ideal_ms"] > 0
     assert set(rec["profile"]) == {"all", "none", *keeps}

@@ -199,7 +199,7 @@ def _choose(device_type: str) -> str:
             return name
     why = _extension_status(device_type)[1]
     warnings.warn(f"sdkernels: using the reference PyTorch ops on {device_type} ({why})",
-                  RuntimeWarning, stacklevel=4)
+                  RuntimeWarning, stacklevel=5)  # the caller of implementation()
     return "reference"
 
 
@@ -211,7 +211,9 @@ def use_backend(name: str):
     here, and when an op meets a tensor on a device the backend does not support.
     """
     _check_name(name)
-    ok_anywhere = any(_status(name, d)[0] for d in ("cpu", "cuda"))
+    # every device's status now, not lazily: compiled code reads them in the forced
+    # branch of resolve_backend, and a first fill traced there would be guarded on
+    ok_anywhere = any([_status(name, d)[0] for d in ("cpu", "cuda")])
     if not ok_anywhere:
         raise BackendUnavailableError(
             f"sdkernels backend {name!r} is not available: {_status(name, 'cpu')[1]}")

@@ -217,7 +217,8 @@ class GateGenerator:
                 n, shard = 1, (0, 1)
                 if rows is not None:
                     n, shard = max(int(rows), 1), self._rank_world()
-                u = (torch.rand((self._bound, n * shard[1]), generator=self._gen)
+                u = (torch.rand((self._bound, n * shard[1]), generator=self._gen,
+                                device="cpu")
                      if self._bound else None)
                 step = _Step(u, n, shard)
                 self._steps = self._steps[-(_STEPS_KEPT - 1):] + [step]
@@ -239,9 +240,9 @@ class GateGenerator:
                 return u[key, shard[0] * rows:(shard[0] + 1) * rows] < p
         # unbound block, or a row count the step was not drawn for: a draw of its own
         if rows is None:
-            return bool(torch.rand((), generator=self._gen).item() < p)
+            return bool(torch.rand((), generator=self._gen, device="cpu").item() < p)
         rank, world = shard
-        u = torch.rand((rows * world,), generator=self._gen)
+        u = torch.rand((rows * world,), generator=self._gen, device="cpu")
         return u[rank * rows:(rank + 1) * rows] < p
 
     def last_step(self) -> dict:
@@ -254,13 +255,13 @@ class GateGenerator:
     def batch(self, p: float) -> bool:
         """One gate for the whole mini-batch: True with probability p."""
         with _host():
-            return bool(torch.rand((), generator=self._gen).item() < p)
+            return bool(torch.rand((), generator=self._gen, device="cpu").item() < p)
 
     @torch.compiler.disable
     def rows(self, p: float, n: int) -> torch.Tensor:
         """One gate per sample: a CPU bool tensor of shape [n]."""
         with _host():
-            return torch.rand((n,), generator=self._gen) < p
+            return torch.rand((n,), generator=self._gen, device="cpu") < p
 
     def state_dict(self) -> dict:
         return {"initial_seed": self.initial_seed, "state": self._gen.get_state(),
@@ -316,7 +317,7 @@ class FixedGates(GateGenerator):
     @torch.compiler.disable
     def rows(self, p: float, n: int) -> torch.Tensor:
         with _host():
-            return torch.full((n,), self.active, dtype=torch.bool)
+            return torch.full((n,), self.active, dtype=torch.bool, device="cpu")
 
     def __reduce__(self):
         return (FixedGates, (self.active,))

@@ -51,9 +51,10 @@ MODES = ("batch", "row")
 #: Default ``gather_min_drop``: the dropped fraction of a mini-batch from which row mode
 #: gathers the survivors of a per-sample branch. On the 2-core CPU (batch 32,
 #: ``python -m sdkernels.bench.rowscaling``, benchmarks/RESULTS.md) row mode's own cost
-#: is about 0.4-0.65 ms per ViT-Tiny residual and 1.1-1.5 ms per ConvNeXt-Atto one
-#: (residuals average 16 and 25 ms there), about what one row of 32 saves; 1/16 keeps
-#: the one-row drops of a batch of 32 (the common case at drop rates <= 0.1) masked.
+#: is about 0.35-0.65 ms per ViT-Tiny residual and 1.1-1.5 ms per ConvNeXt-Atto one
+#: (residuals average 16 and 25 ms there): what one row of 32 saves on the ViT, 1.5 to 2
+#: rows on the ConvNeXt. 1/16 keeps the one-row drops of a batch of 32 (the common case
+#: at drop rates <= 0.1) masked; on the ConvNeXt two-row drops are about break-even.
 GATHER_MIN_DROP = 1 / 16
 SCALINGS = ("test", "train")
 DROPPED_GRADS = ("auto", "zeros", "none")

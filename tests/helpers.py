@@ -1,5 +1,6 @@
-"""Helpers shared by the compiled-extension op tests (test_extension_ops.py,
-test_extension_bn_ops.py): layouts, per-channel broadcasting and error measures.
+"""Helpers shared by the tests: layouts, per-channel broadcasting and error measures (the
+compiled-extension op tests), DDP worker runs and records, and the step check of a
+compiled model against its eager twin.
 
 tests/ is on sys.path under pytest, so test files import this as ``from helpers import``.
 Nothing here touches CUDA at import time.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sdkernels
-from sdkernels.gates import GateGenerator
+from sdkernels.gates import FixedGates, GateGenerator
 
 
 def _blocks(model):
@@ -187,3 +187,20 @@ def test_mixed_batch_and_row_gates_of_one_row_per_shard_differ_across_ranks():
             drawn.append(gen.gate(1, 0.5, 1))
         same += bool(torch.equal(drawn[0], drawn[1]))
     assert same < 20  # equal only by chance (about half the time), never always
+
+
+def test_gates_are_drawn_on_the_host_inside_a_device_context():
+    """A model built or run under ``with torch.device(...)`` (factory functions default
+    to that device) still draws its gates on the host, from its own CPU generator."""
+    gen = GateGenerator(seed=0)
+    gen.bind([torch.nn.Module() for _ in range(2)])
+    fixed = FixedGates(True)
+    with torch.device("meta"):
+        rows = gen.rows(0.5, 8)
+        batch = gen.batch(0.5)
+        stepped = (gen.gate(0, 0.5, 8), gen.gate(1, 0.5))
+        unbound = gen.gate(("x", 1), 0.5, 8)
+        forced = fixed.rows(0.5, 8)
+    for g in (rows, stepped[0], unbound, forced):
+        assert g.device.type == "cpu" and g.dtype == torch.bool and g.shape == (8,)
+    assert isinstance(batch, bool) and isinstance(stepped[1], bool)

@@ -15,9 +15,10 @@ k >= 2 there):
   mode around them, so the step over the linear prediction splits into two parts:
 
   - *branch scaling*: ``none + (all@K - none@K)`` (the ideal row step) over linear: a
-    branch on K rows costs more than K/n of its time on n (weight packing, weight
-    gradients and per-operator costs do not shrink with the rows). No row-mode
-    implementation can remove this part;
+    branch on K rows costs more than K/n of its time on n (weight-sized work, such as
+    packing the weights and the optimizer's update of the branch's parameters, and
+    per-operator costs do not shrink with the rows). No implementation of the gather
+    and scatter can remove this part;
   - *row mode's own cost*: the step over the ideal row step: gather, scatter, the copy
     of the shortcut, the extra autograd nodes and the host-side draw.
 
@@ -133,20 +134,21 @@ def _measure(name, keeps, batch, image_size, rounds, warmup, seed, profile, dept
         if not 0 < k < batch:
             raise ValueError(f"keep must be in (0, {batch}), got {k}")
         variants[f"k={k}"] = _with_gates(model, KeepK(k, seed))
-    steps = {n: make_train_step(m) for n, m in variants.items()}
     if batch_of_k:
         for k in keeps:
             for v in ("all", "none"):
-                steps[f"{v}@{k}"] = _first_rows(
-                    make_train_step(copy.deepcopy(variants[v])), k)
+                variants[f"{v}@{k}"] = copy.deepcopy(variants[v])
+    steps = {n: make_train_step(m) for n, m in variants.items()}
+    for n in steps:
+        if "@" in n:
+            steps[n] = _first_rows(steps[n], int(n.partition("@")[2]))
     inputs = make_inputs(batch, image_shape=(3, image_size, image_size), num_classes=1000,
                          seed=seed)
     kept = {}
 
     def read_gates(variant, _round, _seconds):
-        if variant in variants:
-            kept[variant] = {int(g.last_gate.sum()) for _, b in
-                             residual_blocks(variants[variant]) for g in gates_of(b)}
+        kept[variant] = {int(g.last_gate.sum()) for _, b in residual_blocks(variants[variant])
+                         for g in gates_of(b)}
 
     times = interleaved_timing(steps, inputs, rounds=rounds, warmup=warmup, on_step=read_gates)
     centre = paired_centres(times, reference="all")
@@ -184,8 +186,9 @@ def format_record(rec: dict) -> str:
     out = [f"{rec['model']}: batch {rec['batch']}, image {rec['image_size']}, "
            f"{rec['rounds']} rounds; all rows {rec['all_ms']:.1f} ms, every residual "
            f"dropped {rec['none_ms']:.1f} ms",
-           "  keep  step ms  linear ms  step/linear  step/all  ideal ms  ideal/linear"
-           "  step/ideal"]
+           "  keep  step ms  linear ms  step/linear  step/all"]
+    if any("ideal_ms" in r for r in rec["rows"]):
+        out[-1] += "  ideal ms  ideal/linear  step/ideal"
     for r in rec["rows"]:
         line = (f"  {r['keep']:4d} {r['ms']:8.1f} {r['linear_ms']:10.1f} "
                 f"{r['over_linear']:12.3f} {r['vs_all']:9.3f}")
