@@ -217,9 +217,7 @@ class GateGenerator:
                 n, shard = 1, (0, 1)
                 if rows is not None:
                     n, shard = max(int(rows), 1), self._rank_world()
-                u = (torch.rand((self._bound, n * shard[1]), generator=self._gen,
-                                device="cpu")
-                     if self._bound else None)
+                u = self._rand(self._bound, n * shard[1]) if self._bound else None
                 step = _Step(u, n, shard)
                 self._steps = self._steps[-(_STEPS_KEPT - 1):] + [step]
             g = step.gates.get(key)
@@ -227,6 +225,11 @@ class GateGenerator:
                 g = step.gates[key] = self._decide(step, key, p, rows)
                 step.asks[key] = torch._C._autograd._get_sequence_nr()
             return g
+
+    def _rand(self, *shape) -> torch.Tensor:
+        # device="cpu" whatever the default device (a ``with torch.device(...)`` block):
+        # gates are host values, drawn from this CPU generator
+        return torch.rand(shape, generator=self._gen, device="cpu")
 
     def _decide(self, step, key, p, rows):
         u = step.uniforms
@@ -240,9 +243,9 @@ class GateGenerator:
                 return u[key, shard[0] * rows:(shard[0] + 1) * rows] < p
         # unbound block, or a row count the step was not drawn for: a draw of its own
         if rows is None:
-            return bool(torch.rand((), generator=self._gen, device="cpu").item() < p)
+            return bool(self._rand().item() < p)
         rank, world = shard
-        u = torch.rand((rows * world,), generator=self._gen, device="cpu")
+        u = self._rand(rows * world)
         return u[rank * rows:(rank + 1) * rows] < p
 
     def last_step(self) -> dict:
@@ -255,13 +258,13 @@ class GateGenerator:
     def batch(self, p: float) -> bool:
         """One gate for the whole mini-batch: True with probability p."""
         with _host():
-            return bool(torch.rand((), generator=self._gen, device="cpu").item() < p)
+            return bool(self._rand().item() < p)
 
     @torch.compiler.disable
     def rows(self, p: float, n: int) -> torch.Tensor:
         """One gate per sample: a CPU bool tensor of shape [n]."""
         with _host():
-            return torch.rand((n,), generator=self._gen, device="cpu") < p
+            return self._rand(n) < p
 
     def state_dict(self) -> dict:
         return {"initial_seed": self.initial_seed, "state": self._gen.get_state(),

@@ -339,10 +339,8 @@ def test_resnet_block_row_mode_always_gathers_for_survivor_statistics():
 
 
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile")
-def test_compiled_row_mode_gates_live_and_recompiles_bounded():
+def test_compiled_row_mode_gates_live_and_recompiles_bounded(fresh_dynamo):
     from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
     torch.manual_seed(0)
     layers = [StochasticDepth(Counted(8), survival_prob=0.6, mode="row", scaling="train")
               for _ in range(6)]
@@ -363,17 +361,14 @@ def test_compiled_row_mode_gates_live_and_recompiles_bounded():
         assert rows == tuple(int(m.last_gate.sum()) for m in eager)
         seen.add(rows)
 
-    try:
-        for i in range(12):  # warm-up: every path (all / none / some rows) appears
+    for i in range(12):  # warm-up: every path (all / none / some rows) appears
+        step(i)
+    frames = counters["frames"]["total"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(12, 20):
             step(i)
-        frames = counters["frames"]["total"]
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for i in range(12, 20):
-                step(i)
-        assert counters["frames"]["total"] == frames
-        assert len(seen) > 5, "gates were frozen at trace time"
-    finally:
-        torch._dynamo.reset()
+    assert counters["frames"]["total"] == frames
+    assert len(seen) > 5, "gates were frozen at trace time"
 
 
 def test_batchnorm_branch_with_one_survivor_runs_masked(monkeypatch):

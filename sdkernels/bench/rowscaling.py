@@ -72,8 +72,8 @@ class KeepK(GateGenerator):
         return True
 
     def rows(self, p, n):
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[torch.randperm(n, generator=self._gen)[:self.k]] = True
+        keep = torch.zeros(n, dtype=torch.bool, device="cpu")
+        keep[torch.randperm(n, generator=self._gen, device="cpu")[:self.k]] = True
         return keep
 
 
@@ -134,14 +134,12 @@ def _measure(name, keeps, batch, image_size, rounds, warmup, seed, profile, dept
         if not 0 < k < batch:
             raise ValueError(f"keep must be in (0, {batch}), got {k}")
         variants[f"k={k}"] = _with_gates(model, KeepK(k, seed))
+    steps = {n: make_train_step(m) for n, m in variants.items()}
     if batch_of_k:
         for k in keeps:
             for v in ("all", "none"):
-                variants[f"{v}@{k}"] = copy.deepcopy(variants[v])
-    steps = {n: make_train_step(m) for n, m in variants.items()}
-    for n in steps:
-        if "@" in n:
-            steps[n] = _first_rows(steps[n], int(n.partition("@")[2]))
+                m = variants[f"{v}@{k}"] = copy.deepcopy(variants[v])
+                steps[f"{v}@{k}"] = _first_rows(make_train_step(m), k)
     inputs = make_inputs(batch, image_shape=(3, image_size, image_size), num_classes=1000,
                          seed=seed)
     kept = {}
@@ -165,7 +163,6 @@ def _measure(name, keeps, batch, image_size, rounds, warmup, seed, profile, dept
                        over_ideal=t / ideal)
         rows.append(row)
     rec = {"model": name, "batch": batch, "image_size": image_size, "rounds": rounds,
-           "variants": sorted(times),
            "all_ms": t_all * 1e3, "none_ms": t_none * 1e3, "rows": rows, "kept": kept,
            "env": {**environment("cpu"), "flush_denormal": True}}
     if profile:
@@ -187,16 +184,17 @@ def format_record(rec: dict) -> str:
            f"{rec['rounds']} rounds; all rows {rec['all_ms']:.1f} ms, every residual "
            f"dropped {rec['none_ms']:.1f} ms",
            "  keep  step ms  linear ms  step/linear  step/all"]
-    if any("ideal_ms" in r for r in rec["rows"]):
+    split = any("ideal_ms" in r for r in rec["rows"])
+    if split:
         out[-1] += "  ideal ms  ideal/linear  step/ideal"
     for r in rec["rows"]:
         line = (f"  {r['keep']:4d} {r['ms']:8.1f} {r['linear_ms']:10.1f} "
                 f"{r['over_linear']:12.3f} {r['vs_all']:9.3f}")
-        if "ideal_ms" in r:
+        if split:
             line += (f" {r['ideal_ms']:9.1f} {r['ideal_over_linear']:13.3f} "
                      f"{r['over_ideal']:11.3f}")
         out.append(line)
-    if any("ideal_ms" in r for r in rec["rows"]):
+    if split:
         out.append("  (ideal: every residual run on a batch of keep samples, nothing of row "
                    "mode around it; ideal/linear: branch scaling, step/ideal: row mode's "
                    "own cost)")
