@@ -24,6 +24,8 @@ names the module (:func:`recognise`).
 from __future__ import annotations
 
 import inspect
+import itertools
+import types
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -597,12 +599,44 @@ def recognise(m: nn.Module):
 
 # -- the class swap ---------------------------------------------------------------------
 
+# Per-shape copies of the family forwards, for torch.compile. Dynamo keeps compiled code
+# per code object and guards it on the shapes of the parameters it reads (static to it).
+# Each residual's host-side draw is a graph break, so the code after it (the branch and
+# the add) is a frame of the family forward's own; shared by all blocks of a family, it
+# would compile once per block shape, gate path and input layout, and a ConvNeXt's 4
+# stages x 3 row-mode paths pass dynamo's default recompile_limit of 8, after which the
+# frame runs eagerly. Blocks of one shape share one copy with a code object of its own,
+# so each copy's frames see one shape. Eager cost: none (the same code).
+_FORWARDS: dict = {}
+
+
+def _code_copy(fn: Callable) -> Callable:
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    new = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                             fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__, new.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return new
+
+
+def _forward_for(block: nn.Module) -> Callable:
+    """The family forward's copy for blocks of ``block``'s family and tensor shapes."""
+    key = (block._sd_family,) + tuple(
+        (n, tuple(t.shape))
+        for n, t in itertools.chain(block.named_parameters(), block.named_buffers()))
+    fn = _FORWARDS.get(key)
+    if fn is None:
+        fn = _FORWARDS[key] = _code_copy(_family(block._sd_family).forward)
+    return fn
+
+
 class ConvertedBlock:
-    """Mixin of converted blocks: ``forward`` runs the family's gated forward; the rest
-    of the class is the block's own."""
+    """Mixin of converted blocks: ``forward`` runs the family's gated forward (its copy
+    for this block's shapes, set on conversion and on unpickling); the rest of the class
+    is the block's own."""
 
     def forward(self, *args, **kwargs):
-        return _family(self._sd_family).forward(self, *args, **kwargs)
+        return self._sd_forward(self, *args, **kwargs)
 
     def sd_gates(self) -> list:
         """The gates of this block's residuals, in forward order."""
@@ -616,13 +650,16 @@ class ConvertedBlock:
     def __reduce_ex__(self, protocol):
         # the generated class is not importable; pickle and deepcopy rebuild it from the
         # original class
-        return _new_gated, (self._sd_base,), self.__dict__.copy()
+        state = self.__dict__.copy()
+        state.pop("_sd_forward", None)  # a function copy: not picklable, found again
+        return _new_gated, (self._sd_base,), state
 
     def __setstate__(self, state):
         fam = state.get("_sd_family")
         if fam in _LEGACY_NAMES:
             state = dict(state, _sd_family=_LEGACY_NAMES[fam])
         super().__setstate__(state)
+        self._sd_forward = _forward_for(self)
 
 
 _CLASSES: dict = {}
@@ -664,6 +701,7 @@ def to_gated(block: nn.Module, family: Family) -> nn.Module:
     block._sd_saved = saved
     block._sd_attrs = attrs
     block.__class__ = _gated_class(block._sd_base)
+    block._sd_forward = _forward_for(block)
     return block
 
 
@@ -678,7 +716,7 @@ def revert_block(block: ConvertedBlock) -> nn.Module:
     block._modules.update((n, mods[n]) for n in block._sd_order if n in mods)
     block.__dict__.update(block._sd_attrs)
     block.__class__ = block._sd_base
-    for a in ("_sd_base", "_sd_family", "_sd_saved", "_sd_attrs", "_sd_order"):
+    for a in ("_sd_base", "_sd_family", "_sd_saved", "_sd_attrs", "_sd_order", "_sd_forward"):
         block.__dict__.pop(a, None)
     return block
 

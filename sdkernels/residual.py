@@ -438,10 +438,17 @@ class GatedResidual(nn.Module):
         out = hs if r.shortcut is None else r.shortcut(hs)
         if r.post is not None:
             out = _post_of_input(r.post, out, x)
+        if out is x and torch.compiler.is_compiling():
+            out = out.view_as(out)
         return self._tie_zero_grads(out, r.params)
 
     def _active_rows(self, x, r: Residual, idx: torch.Tensor, s: Optional[float]):
         # idx: the survivors' rows, known on the host without a device sync (design §2)
+        if torch.compiler.is_compiling():
+            # row_path chose "rows": at least min_rows survivors. Unbounded, the unbacked
+            # count times the spatial sizes might be 1 to Dynamo, and BatchNorm's check of
+            # its batch size becomes a graph break inside the branch.
+            torch._check(idx.shape[0] >= self._min_rows)
         if r.pre is not None and r.pre_shortcut:
             h, sc = r.inputs(x)
             hk = gather_rows(h, idx)

@@ -208,3 +208,28 @@ def test_compiled_inductor_default_backend():
     assert _graphs() <= 4 * n_blocks, _graphs()  # observed: 11 graphs
     t.assert_same_state()
     t.assert_eval_matches(8, 16)
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_a_dropped_identity_residual_keeps_its_frame_compiled(mode):
+    """A dropped residual with the identity shortcut and no activation returns its input:
+    the code after the draw would trace no op, and Dynamo skips such a frame for good
+    (it then runs eagerly, and every function it calls is compiled as a frame of its
+    own, once per block shape: the entries that pushed a ConvNeXt past the recompile
+    limit). The dropped path keeps one op (a view of the input) in the compiled code."""
+    from sdkernels.gates import FixedGates
+    torch.manual_seed(0)
+    block = sdkernels.StochasticDepth(torch.nn.Linear(4, 4), survival_prob=0.5, mode=mode,
+                                      scaling="train", gate_generator=FixedGates(False))
+    compiled = torch.compile(block, backend="aot_eager")
+    x = torch.randn(3, 4, requires_grad=True)
+    out = compiled(x)
+    assert torch.equal(out, x)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    block.gate_generator = FixedGates(True)
+    torch.testing.assert_close(compiled(x), x + 2 * block.branch(x))
+    assert counters["frames"]["ok"] == counters["frames"]["total"]
+    names = {m.co_name for m in torch._dynamo.utils.get_compilation_metrics()}
+    assert not names & {"gated", "_active", "_dropped", "_active_rows"}, names
+

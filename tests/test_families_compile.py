@@ -16,13 +16,12 @@ path (active / dropped / rows) and per block input (shape, and memory layout). A
 one block shape, so every frame stays under dynamo's default ``recompile_limit`` of 8.
 A ConvNeXt has 4 stage shapes, and the layout of a block's input (contiguous after a
 stage's downsampling or a "rows" add, channels-last-like after an active ConvNeXt
-branch, whose MLP runs in NHWC) differs within a stage; its row-mode frames need more
-than 8 entries (observed with torch 2.14 / timm 1.0: the code after the draw compiled
-12 times, ``_active_rows`` 11 times; batch mode: at most 5 per code object): with the
-default limit a frame falls back to eager
-(``test_convnext_row_mode_exceeds_the_default_recompile_limit``), and the ConvNeXt
-training tests raise ``recompile_limit`` to 32. Observed for the ViT: the code after each
-of its two draws compiled exactly once per path (2 in batch mode, 3 in row mode).
+branch, whose MLP runs in NHWC) differs within a stage. Blocks of one shape call their
+own copy of the family forward (``sdkernels.families._forward_for``: a code object per
+shape, and Dynamo keeps its entries per code object), so the code after each draw
+compiles per path and layout of one stage shape, and the ConvNeXt trains within the
+default limit too. Observed for the ViT: the code after each of its two draws compiled
+exactly once per path (2 in batch mode, 3 in row mode).
 """
 from __future__ import annotations
 
@@ -66,11 +65,13 @@ def _limit_hits() -> list:
 
 
 def _compiles_per_code() -> Counter:
-    """How often each code object (function, or resume function after a graph break),
-    by (name, file, line), was compiled."""
-    return Counter((m.co_name, m.co_filename, m.co_firstlineno)
+    """How often each code object (function, or resume function after a graph break)
+    was compiled, by (name, file, line, dynamo's frame id: one per code object, and
+    copies of one function share name, file and line)."""
+    return Counter((m.co_name, m.co_filename, m.co_firstlineno,
+                    int(m.compile_id.split("/")[0]))
                    for m in torch._dynamo.utils.get_compilation_metrics()
-                   if m.co_name is not None)
+                   if m.co_name is not None and m.compile_id)
 
 
 def _assert_breaks_only_at_gate_draws():
@@ -147,13 +148,18 @@ def _layout(t):
     return tuple(t.shape[1:]), tuple(st for n, st in zip(t.shape, t.stride()) if n > 1)
 
 
-def _train_compiled(arch, mode, batch, *, min_warm=6, max_warm=80, after=8):
+def _train_compiled(arch, mode, batch, *, min_warm=6, max_warm=80, after=8, strict=True,
+                    seed=3):
     """Warm up until every gate path of every residual call site was compiled (and at
     least ``min_warm`` steps, and no new frame for the last 5 of them); then ``after``
-    steps with dynamo told to raise on any recompilation. Returns the twins and the frame
-    counts (after warm-up, at the end)."""
+    steps, with dynamo told to raise on any recompilation when ``strict``. Returns the
+    twins and the frame counts (after warm-up, at the end). The sites are the eager
+    twin's block inputs; the compiled model's may differ in layout and in being a view
+    (a compiled graph chooses its outputs' strides), which no warm-up rule sees: where
+    those vary (ConvNeXt) a rare combination compiles late, within the bounds that
+    ``strict=False`` runs check instead."""
     model = sdkernels.convert(_build(arch), p_last=0.5, schedule="uniform", mode=mode,
-                              seed=3)
+                              seed=seed)
     t = _Twins(model, "aot_eager", batch)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         step, last_new, frames = 0, 0, -1
@@ -165,7 +171,7 @@ def _train_compiled(arch, mode, batch, *, min_warm=6, max_warm=80, after=8):
                 frames, last_new = _frames(), step
             step += 1
         warm = _frames()
-        with torch._dynamo.config.patch(error_on_recompile=True):
+        with torch._dynamo.config.patch(error_on_recompile=strict):
             for _ in range(after):
                 t.step(step)
                 step += 1
@@ -190,10 +196,11 @@ def _resume_frames(compiles: Counter, family_fn: str) -> dict:
 
 
 def _assert_clean_run(t, warm, end, mode, limit) -> dict:
-    """What every compiled run must show: nothing compiled after warm-up, live gates,
-    no frame at its recompile limit or failed, graph breaks only at the gate draws, at
-    most ``limit`` entries per code object. Returns the compiles per code object."""
-    assert end == warm, "a frame was compiled after every gate path had been seen"
+    """What every compiled run must show: nothing compiled after warm-up (``end`` None:
+    not checked), live gates, no frame at its recompile limit or failed, graph breaks
+    only at the gate draws, at most ``limit`` entries per code object. Returns the
+    compiles per code object."""
+    assert end is None or end == warm, "a frame was compiled after every gate path had been seen"
     _assert_live_gates(t, mode)
     assert _limit_hits() == []
     assert counters["frames"]["ok"] == counters["frames"]["total"]
@@ -217,36 +224,60 @@ def test_compiled_vit_trains_like_eager_within_the_default_recompile_limit(mode)
 
 
 @pytest.mark.parametrize("mode", ["batch", "row"])
-def test_compiled_convnext_trains_like_eager_with_a_larger_recompile_limit(mode):
-    with torch._dynamo.config.patch(recompile_limit=32):
-        t, warm, end = _train_compiled("convnext", mode, batch=4)
-    compiles = _assert_clean_run(t, warm, end, mode, 32)
-    # one call site; per gate path, the code after the draw is compiled per block input
-    # (4 stage shapes, and the input layouts seen within a stage)
-    resumed = _resume_frames(compiles, "_fwd_convnext")
-    assert len(resumed) == 1, resumed
-    shapes = {inp[0] for inp, _ in t.sites()}
-    assert len(shapes) == 4
-    n_paths = 2 if mode == "batch" else 3
-    assert next(iter(resumed.values())) <= n_paths * len(t.sites()), (resumed, t.sites())
-
-
-def test_convnext_row_mode_exceeds_the_default_recompile_limit():
-    """The design fact the ConvNeXt tests work around: with dynamo's default limit, a
-    row-mode ConvNeXt frame needs more than 8 compiled entries. Dynamo then runs that
-    frame eagerly (a logged warning), and training is still right."""
+def test_compiled_convnext_trains_like_eager_within_the_default_recompile_limit(mode):
     assert torch._dynamo.config.recompile_limit == DEFAULT_RECOMPILE_LIMIT
-    model = sdkernels.convert(_build("convnext"), p_last=0.5, schedule="uniform", mode="row",
+    # 30 steps past warm-up, recompiles allowed but none at the limit (strict=False)
+    t, warm, _ = _train_compiled("convnext", mode, batch=4, after=30, strict=False)
+    compiles = _assert_clean_run(t, warm, None, mode, DEFAULT_RECOMPILE_LIMIT)
+    # one call site, one copy of the family forward per stage shape: the code after the
+    # draw in each copy is compiled per gate path and per layout of the block input
+    # (contiguous, or channels-last-like after an active branch)
+    resumed = _resume_frames(compiles, "_fwd_convnext")
+    shapes = {inp[0] for inp, _ in t.sites()}
+    assert len(shapes) == 4 and len(resumed) == 4, (resumed, shapes)
+    n_paths = 2 if mode == "batch" else 3
+    assert all(v <= 2 * n_paths for v in resumed.values()), sorted(resumed.values())
+
+
+def test_blocks_of_one_shape_share_a_copy_of_the_family_forward():
+    """What keeps the ConvNeXt within the limit: a copy of the family forward (its own
+    code object) per block shape; deep copies and pickles find the same copy again,
+    revert removes it."""
+    model = sdkernels.convert(_build("convnext"), p_last=0.5, mode="row", seed=3)
+    stages = [[b for q, b in residual_blocks(model) if q.startswith(f"stages.{i}.")]
+              for i in range(4)]
+    fwd = [{b._sd_forward for b in st} for st in stages]
+    assert all(len(f) == 1 for f in fwd)
+    codes = [next(iter(f)).__code__ for f in fwd]
+    assert len({id(c) for c in codes}) == 4  # (equal code objects compare equal)
+    assert all(c.co_name == "_fwd_convnext" for c in codes)
+    again = copy.deepcopy(model)
+    assert ([b._sd_forward for _, b in residual_blocks(again)]
+            == [b._sd_forward for _, b in residual_blocks(model)])
+    plain = sdkernels.revert(again)
+    assert not any("_sd_forward" in m.__dict__ for m in plain.modules())
+
+
+def test_compiled_row_mode_batchnorm_branches_break_only_at_the_draws():
+    """Row mode runs a BatchNorm branch on >= 2 survivors (``min_rows``) and tells the
+    compiled code so: otherwise BatchNorm's check of its batch size (the unbacked
+    survivor count times spatial sizes that Dynamo made dynamic: may it be 1?) breaks
+    the graph inside the branch, and ``_active_rows`` and the code after that break
+    become frames of their own (observed with torch 2.14 on this MobileNet)."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_100", num_classes=10, drop_path_rate=0.2)
+    model = sdkernels.convert(model.double(), p_last=0.5, schedule="uniform", mode="row",
                               seed=3)
     t = _Twins(model, "aot_eager", 4)
-    for step in range(30):
-        t.step(step)
-        if _limit_hits():
-            break
-    assert _limit_hits(), "no ConvNeXt frame reached the default recompile limit"
-    assert counters["frames"]["ok"] < counters["frames"]["total"]
-    for step in range(step + 1, step + 4):  # the fallback still trains like eager
-        t.step(step)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for step in range(20):
+            t.step(step)
+    assert "rows" in {p for _, _, p in t.seen}
+    names = {k[0] for k in _compiles_per_code()}
+    assert not {n for n in names if "_active" in n or n == "gated"}, names
+    _assert_breaks_only_at_gate_draws()
+    assert _limit_hits() == []
 
 
 # inductor on a busy 2-core CPU: ~40-60 s with a cold compile cache
