@@ -45,6 +45,18 @@ SKIP = "not a residual"
 
 # -- helpers the family forwards share ---------------------------------------------------
 
+def _code_copy(fn: Callable, **kwdefaults) -> Callable:
+    """``fn`` with a code object of its own (Dynamo keeps compiled entries per code
+    object); ``kwdefaults`` replace keyword-only defaults."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    new = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                             fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **kwdefaults} or None
+    new.__qualname__ = fn.__qualname__
+    return new
+
+
 def _child(block, name):
     """A child module by name, or None (timm stores absent optional children as a plain
     None attribute, torchvision as None in ``_modules``)."""
@@ -373,8 +385,9 @@ def _fwd_transformer(block, x, *args, slots=("drop_path1", "drop_path2"), **kwar
     return x.reshape(shape) if windows and len(shape) == 4 else x
 
 
-def _fwd_tv_swin(block, x):
-    return _fwd_transformer(block, x, slots=("stochastic_depth", "stochastic_depth2"))
+# torchvision Swin: the transformer forward with its own slot names, as a copy rather
+# than a wrapper calling it, so that its draws resume in code objects of its own
+_fwd_tv_swin = _code_copy(_fwd_transformer, slots=("stochastic_depth", "stochastic_depth2"))
 
 
 def _check_tv_vit(m):
@@ -606,17 +619,10 @@ def recognise(m: nn.Module):
 # would compile once per block shape, gate path and input layout, and a ConvNeXt's 4
 # stages x 3 row-mode paths pass dynamo's default recompile_limit of 8, after which the
 # frame runs eagerly. Blocks of one shape share one copy with a code object of its own,
-# so each copy's frames see one shape. Eager cost: none (the same code).
+# so each copy's frames see one shape (functions nested in it, the branches, are inlined
+# into those frames). Eager cost: none (the same code). The key is taken at conversion
+# and unpickling: shapes changed later (pruning) only share compiled code differently.
 _FORWARDS: dict = {}
-
-
-def _code_copy(fn: Callable) -> Callable:
-    if not isinstance(fn, types.FunctionType):
-        return fn
-    new = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
-                             fn.__defaults__, fn.__closure__)
-    new.__kwdefaults__, new.__qualname__ = fn.__kwdefaults__, fn.__qualname__
-    return new
 
 
 def _forward_for(block: nn.Module) -> Callable:
@@ -636,7 +642,10 @@ class ConvertedBlock:
     is the block's own."""
 
     def forward(self, *args, **kwargs):
-        return self._sd_forward(self, *args, **kwargs)
+        fwd = self.__dict__.get("_sd_forward")
+        if fwd is None:  # a pickle naming a family this version lacks: _family raises
+            fwd = _forward_for(self)
+        return fwd(self, *args, **kwargs)
 
     def sd_gates(self) -> list:
         """The gates of this block's residuals, in forward order."""
@@ -659,7 +668,8 @@ class ConvertedBlock:
         if fam in _LEGACY_NAMES:
             state = dict(state, _sd_family=_LEGACY_NAMES[fam])
         super().__setstate__(state)
-        self._sd_forward = _forward_for(self)
+        if state.get("_sd_family") in _BY_KEY:  # else it loads, reverts, and forward raises
+            self._sd_forward = _forward_for(self)
 
 
 _CLASSES: dict = {}

@@ -232,4 +232,3 @@ def test_a_dropped_identity_residual_keeps_its_frame_compiled(mode):
     assert counters["frames"]["ok"] == counters["frames"]["total"]
     names = {m.co_name for m in torch._dynamo.utils.get_compilation_metrics()}
     assert not names & {"gated", "_active", "_dropped", "_active_rows"}, names
-

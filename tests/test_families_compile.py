@@ -26,6 +26,7 @@ exactly once per path (2 in batch mode, 3 in row mode).
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 from collections import Counter
 
@@ -251,11 +252,11 @@ def test_blocks_of_one_shape_share_a_copy_of_the_family_forward():
     codes = [next(iter(f)).__code__ for f in fwd]
     assert len({id(c) for c in codes}) == 4  # (equal code objects compare equal)
     assert all(c.co_name == "_fwd_convnext" for c in codes)
-    again = copy.deepcopy(model)
-    assert ([b._sd_forward for _, b in residual_blocks(again)]
-            == [b._sd_forward for _, b in residual_blocks(model)])
-    plain = sdkernels.revert(again)
-    assert not any("_sd_forward" in m.__dict__ for m in plain.modules())
+    for again in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert ([b._sd_forward for _, b in residual_blocks(again)]
+                == [b._sd_forward for _, b in residual_blocks(model)])
+        plain = sdkernels.revert(again)
+        assert not any("_sd_forward" in m.__dict__ for m in plain.modules())
 
 
 def test_compiled_row_mode_batchnorm_branches_break_only_at_the_draws():
