@@ -48,8 +48,6 @@ SKIP = "not a residual"
 def _code_copy(fn: Callable, **kwdefaults) -> Callable:
     """``fn`` with a code object of its own (Dynamo keeps compiled entries per code
     object); ``kwdefaults`` replace keyword-only defaults."""
-    if not isinstance(fn, types.FunctionType):
-        return fn
     new = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                              fn.__defaults__, fn.__closure__)
     new.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **kwdefaults} or None

@@ -149,8 +149,7 @@ def _layout(t):
     return tuple(t.shape[1:]), tuple(st for n, st in zip(t.shape, t.stride()) if n > 1)
 
 
-def _train_compiled(arch, mode, batch, *, min_warm=6, max_warm=80, after=8, strict=True,
-                    seed=3):
+def _train_compiled(arch, mode, batch, *, min_warm=6, max_warm=80, after=8, strict=True):
     """Warm up until every gate path of every residual call site was compiled (and at
     least ``min_warm`` steps, and no new frame for the last 5 of them); then ``after``
     steps, with dynamo told to raise on any recompilation when ``strict``. Returns the
@@ -160,7 +159,7 @@ def _train_compiled(arch, mode, batch, *, min_warm=6, max_warm=80, after=8, stri
     those vary (ConvNeXt) a rare combination compiles late, within the bounds that
     ``strict=False`` runs check instead."""
     model = sdkernels.convert(_build(arch), p_last=0.5, schedule="uniform", mode=mode,
-                              seed=seed)
+                              seed=3)
     t = _Twins(model, "aot_eager", batch)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         step, last_new, frames = 0, 0, -1
