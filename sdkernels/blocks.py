@@ -27,8 +27,8 @@ from torch import nn
 from . import layers, ops
 from .gates import GateGenerator
 from .ops import reference
-from .residual import (DROP_IMPLS, DROPPED_GRADS, MODES, SCALINGS, GatedResidual, decide,
-                       copy_rows, gather_rows)
+from .residual import (DROP_IMPLS, DROPPED_GRADS, MODES, SCALINGS, GatedResidual,
+                       branch_has_batchnorm, copy_rows, decide, gather_rows)
 
 __all__ = ["StochasticDepthBlock", "BasicBlock", "Bottleneck", "MODES", "SCALINGS",
            "DROPPED_GRADS", "DROP_IMPLS"]
@@ -60,12 +60,17 @@ class StochasticDepthBlock(GatedResidual):
 
     def _init_sd(self, survival_prob, mode, scaling, gate_generator, dropped_grads, drop_impl):
         self._init_gate(survival_prob, mode, scaling, gate_generator, dropped_grads, drop_impl)
+        # row mode: BatchNorm over one survivor is degenerate (and an error on 1x1 maps),
+        # so a single survivor is masked, as in every other BatchNorm branch
+        self.min_rows = 2 if branch_has_batchnorm(self._branch_modules()) else 1
         self._sd_origin = None  # what revert() rebuilds; set by convert()
         self._fold_cache = ops.FoldCache()  # folded eval weights (design §5)
 
     def __setstate__(self, state):
         # whole-model pickles from before the fold cache object
         super().__setstate__(state)
+        if "_min_rows" not in state and "min_rows" not in state:
+            self._min_rows = 2 if branch_has_batchnorm(self._branch_modules()) else 1
         if "_fold_cache" not in self.__dict__:
             self._fold_cache = ops.FoldCache()
 
@@ -84,14 +89,28 @@ class StochasticDepthBlock(GatedResidual):
     def _dropped(self, x, r=None):
         m = self.shortcut_module
         # block inputs are post-ReLU in every ResNet: relu(x) is x (design §2)
-        out = x if layers.is_identity(m) else torch.relu(m(x))
+        if layers.is_identity(m):
+            out = x
+        else:
+            # inline, not _final_relu: under torch.compile this frame may run eagerly (an
+            # identity drop traces nothing) and every function it calls would then be
+            # compiled as a frame of its own
+            relu = self._modules.get("relu")
+            hooked = relu is not None and (relu._forward_hooks or relu._forward_pre_hooks)
+            out = relu(m(x)) if hooked else torch.relu(m(x))
         return self._tie_zero_grads(out, self._branch_params)
+
+    def _final_relu(self, t):
+        # the block's ReLU module where a hook on it must see the call, else functional
+        relu = self._modules.get("relu")
+        return relu(t) if relu is not None and ops.has_hooks([relu]) else torch.relu(t)
 
     def branch_plan(self) -> ops.BranchPlan:
         """This block as the ops see it: stages, typed shortcut, mode (design §3)."""
         return ops.branch_plan(self._conv_bn_stages(), self.shortcut_module,
                                training=self.training, branch=self._branch,
-                               last_norm=self._last_norm, parameters=self.parameters)
+                               last_norm=self._last_norm, parameters=self.parameters,
+                               relu=self._modules.get("relu"))
 
     # gate_scale None (the generic rule's "no multiply") is 1 for the ops
     def _active(self, x, r, gate_scale):
@@ -105,14 +124,14 @@ class StochasticDepthBlock(GatedResidual):
         t = ops.residual_block(gather_rows(x, idx), self.branch_plan(), gate_scale,
                                self._fold_cache,
                                None if layers.is_identity(m) else gather_rows(sc, idx))
-        base = sc if layers.is_identity(m) else torch.relu(sc)
+        base = sc if layers.is_identity(m) else self._final_relu(sc)
         return copy_rows(base, idx, t.to(base.dtype))
 
     def _mask_forward(self, x, r, keep: torch.Tensor, gate_scale):
         # torchvision / timm: compute everything, then multiply by the mask.
         f = self._last_norm(self._branch(x))
         s = 1.0 if gate_scale is None else gate_scale
-        return torch.relu(self._shortcut(x) + reference.mask_multiply(f, keep, s))
+        return self._final_relu(self._shortcut(x) + reference.mask_multiply(f, keep, s))
 
     def forward(self, x):
         # the fused overrides above need no Residual description

@@ -105,8 +105,11 @@ def _classify(m: nn.Module):
 
 
 def _visit(model: nn.Module):
-    """(qualified name, module, kind, family) of every block, in registration order."""
-    found = []
+    """(qualified name, module, kind, family) of every block, in registration order.
+    A block registered under two names (shared weights) is refused before anything
+    changes: its forward runs twice a step, which one gate slot and one position in the
+    schedule cannot describe."""
+    found, where = [], {}
 
     def visit(prefix, m):
         for name, child in m._modules.items():
@@ -120,6 +123,12 @@ def _visit(model: nn.Module):
             if kind is None:
                 visit(qual, child)
             elif kind != "skip":
+                if id(child) in where:
+                    raise ValueError(f"cannot convert residual block '{qual}': it is the same "
+                                     f"module as '{where[id(child)]}' (a block registered "
+                                     "twice, shared weights); convert gives each block one "
+                                     "gate per residual and one place in the schedule")
+                where[id(child)] = qual
                 found.append((qual, child, kind, info))
 
     visit("", model)

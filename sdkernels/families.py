@@ -32,6 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .ops import has_hooks
 from .residual import Residual, ResidualGate, branch_has_batchnorm, decide
 
 __all__ = ["Family", "FAMILIES", "ConvertedBlock", "recognise", "to_gated", "revert_block",
@@ -61,10 +62,13 @@ def _child(block, name):
     return getattr(block, name, None)
 
 
-def _identity_or(m):
-    """None for a shortcut that passes its input through, else the module."""
-    if m is None or isinstance(m, nn.Identity) or (type(m) is nn.Sequential and len(m) == 0):
+def _identity_or(m, keep_hooked: bool = True):
+    """None for a module that passes its input through, else the module. One with hooks
+    is kept (``keep_hooked``): the block's own forward calls it, so they must run."""
+    if m is None:
         return None
+    if isinstance(m, nn.Identity) or (type(m) is nn.Sequential and len(m) == 0):
+        return m if keep_hooked and has_hooks([m]) else None
     return m
 
 
@@ -304,11 +308,11 @@ def _post_norm(m) -> bool:
     return order.index("attn") < order.index("norm1") or hasattr(attn, "logit_scale")
 
 
-def _layer_scales(m):
+def _layer_scales(m, keep_hooked: bool = True):
     """The two residuals' layer scales: ls1/ls2 modules, gamma_1/gamma_2 parameters."""
     out = []
     for ls, gamma in (("ls1", "gamma_1"), ("ls2", "gamma_2")):
-        mod = _identity_or(_child(m, ls))
+        mod = _identity_or(_child(m, ls), keep_hooked)
         out.append(mod if mod is not None else getattr(m, gamma, None))
     return out
 
@@ -319,7 +323,7 @@ def _check_transformer(m, slots=("drop_path1", "drop_path2")):
         return None
     if not set(slots) & set(m._modules):
         return None
-    if _post_norm(m) and any(s is not None for s in _layer_scales(m)):
+    if _post_norm(m) and any(s is not None for s in _layer_scales(m, keep_hooked=False)):
         return "post-norm transformer block with layer scale: order of norm and scale unknown"
     for n in ("gamma_1", "gamma_2"):
         g = getattr(m, n, None)

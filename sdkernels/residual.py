@@ -176,6 +176,21 @@ def _rows_into(base: torch.Tensor, idx: torch.Tensor, f: torch.Tensor, s, add: b
     return out
 
 
+def _broadcast_rows(f: torch.Tensor, sc: torch.Tensor, k: int) -> torch.Tensor:
+    """The branch's output on ``k`` rows expanded to the shortcut's row shape, as the
+    full batch adds them (a branch giving one token per sample, [N, 1, C], against
+    [N, L, C]); an output the shortcut cannot take is a ValueError, not a wrong add."""
+    shape = (k,) + tuple(sc.shape[1:])
+    if f.dim() == sc.dim():
+        try:
+            if torch.broadcast_shapes(f.shape, shape) == torch.Size(shape):
+                return f.expand(shape)
+        except RuntimeError:
+            pass
+    raise ValueError(f"row mode: the branch's output on {k} rows has shape {tuple(f.shape)}, "
+                     f"which does not broadcast to the shortcut's rows {shape}")
+
+
 def add_rows(base: torch.Tensor, idx: torch.Tensor, f: torch.Tensor, s) -> torch.Tensor:
     """A copy of ``base`` (same memory layout) with ``s * f`` added to its rows ``idx``
     (``s`` None: ``f``)."""
@@ -457,6 +472,9 @@ class GatedResidual(nn.Module):
             xk = gather_rows(x, idx)
             hk = xk if r.pre is None else r.pre(xk)
         f = r.branch(hk, *[gather_rows(a, idx) for a in r.row_args])
+        # (rows are compared from dim 1: dim 0 is the unbacked survivor count under compile)
+        if f.dim() != sc.dim() or f.shape[1:] != sc.shape[1:]:
+            f = _broadcast_rows(f, sc, idx.shape[0])
         dt = torch.promote_types(sc.dtype, f.dtype)
         out = add_rows(sc.to(dt), idx, f.to(dt), s)
         return out if r.post is None else r.post(out)

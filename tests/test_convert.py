@@ -435,6 +435,43 @@ def test_real_models_convert_every_block_and_revert(name, n_blocks, kind):
         assert getattr(plain.get_submodule(q), "drop_path", None) is dp
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("where", ["layer2.0.bn2", "layer2.0.relu", "layer2.0.downsample",
+                                   "layer2.0.downsample.1"])
+def test_hooks_on_any_module_of_a_converted_block_run(where, training, backend):
+    """A hook that changes a block's submodule output (the last BN, the ReLU after the
+    add, the projection shortcut that eval would fold) changes the converted model as it
+    changes the original: with hooks present the block runs its modules."""
+    torch.manual_seed(0)
+    ref = tv.resnet18(num_classes=10).double().train(training)
+    model = copy.deepcopy(ref)
+    calls = {"ref": 0, "converted": 0}
+
+    def hook(tag):
+        def h(mod, args, out):
+            calls[tag] += 1
+            return out * 0.5 + 1
+        return h
+    ref.get_submodule(where).register_forward_hook(hook("ref"))
+    model.get_submodule(where).register_forward_hook(hook("converted"))
+    sdkernels.convert(model, p_last=1.0, seed=0)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    with sdkernels.use_backend(backend):
+        out = model(x)
+    torch.testing.assert_close(out, ref(x), rtol=1e-9, atol=1e-9)
+    assert calls["converted"] == calls["ref"] > 0
+
+
+def test_a_block_registered_twice_is_refused_and_nothing_changes():
+    model = tv.resnet18(num_classes=10)
+    model.layer1[1] = model.layer1[0]  # one block under two names: shared weights
+    types = [(q, type(m)) for q, m in model.named_modules(remove_duplicate=False)]
+    with pytest.raises(ValueError, match=r"'layer1\.1'.*same module as 'layer1\.0'"):
+        sdkernels.convert(model, p_last=0.5)
+    assert [(q, type(m)) for q, m in model.named_modules(remove_duplicate=False)] == types
+
+
 def test_convert_keeps_eval_mode_and_hooks():
     model = tv.resnet18(num_classes=10).eval()
     calls = []

@@ -601,6 +601,33 @@ def test_hooks_registered_before_conversion_fire(spec):
         assert pre == want_pre and post == want_post and inner == want_inner, training
 
 
+def test_hooks_on_identity_children_fire():
+    """timm's ViT keeps ls1/ls2 as nn.Identity without layer scale; the converted block
+    skips an identity, unless a hook on it must see the call."""
+    import timm
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=3).double()
+    model = copy.deepcopy(ref)
+    calls = []
+    for tag, m in (("ref", ref), ("converted", model)):
+        m.blocks[1].ls1.register_forward_hook(
+            lambda mod, a, o, tag=tag: calls.append(tag) or o * 0.5)
+    sdkernels.convert(model, p_last=1.0, seed=0)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for training in (False, True):
+        calls.clear()
+        _assert_close_rel(model.train(training)(x), ref.train(training)(x), "hooked ls1")
+        assert sorted(calls) == ["converted", "ref"]
+
+
+def test_a_family_block_registered_twice_is_refused():
+    import timm
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, drop_path_rate=0.2,
+                            num_classes=3)
+    vit.blocks[1] = vit.blocks[0]
+    _assert_refused(vit, r"'blocks\.1'.*same module as 'blocks\.0'")
+
+
 # -- what cannot be made exact is refused, naming the module ---------------------------
 
 def _assert_refused(model, match):

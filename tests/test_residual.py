@@ -392,6 +392,72 @@ def test_batchnorm_branch_with_one_survivor_runs_masked(monkeypatch):
     assert StochasticDepth(Counted()).min_rows == 1  # LayerNorm: any number of rows
 
 
+def test_resnet_block_with_one_survivor_runs_masked(monkeypatch):
+    """The drop-in ResNet blocks follow every BatchNorm branch: one survivor on 1x1 maps
+    (a ResNet's last stage at CIFAR sizes, small batches) would be one value per
+    channel, an error in BatchNorm; the step runs masked and says so once."""
+    import sdkernels.residual as residual
+    monkeypatch.setattr(residual, "_WARNED_MASKED", set())
+    keep = [False, True, False, False]
+    torch.manual_seed(0)
+    b = sdkernels.BasicBlock(4, 4, survival_prob=0.5, mode="row", scaling="train",
+                             gate_generator=RowPattern(keep)).to(DT)
+    assert b.min_rows == 2
+    ref = copy.deepcopy(b)
+    x = torch.rand(4, 4, 1, 1, dtype=DT)
+    with sdkernels.use_backend("reference"), pytest.warns(RuntimeWarning, match="single survivor"):
+        out = b(x)
+    mask = torch.tensor(keep, dtype=DT)[:, None, None, None] / 0.5
+    with torch.no_grad():
+        y = ref.bn2(ref.conv2(ref.relu(ref.bn1(ref.conv1(x)))))
+    torch.testing.assert_close(out, torch.relu(x + mask * y), rtol=1e-12, atol=1e-14)
+
+
+def test_resnet_block_from_an_older_pickle_gets_its_row_minimum():
+    b = sdkernels.BasicBlock(4, 4, mode="row")
+    state = dict(b.__dict__)
+    del state["_min_rows"]
+    fresh = sdkernels.BasicBlock.__new__(sdkernels.BasicBlock)
+    fresh.__setstate__(state)
+    assert fresh.min_rows == 2
+
+
+class OneToken(nn.Module):
+    """A per-sample branch whose output, one token per sample ([N, 1, C]), is added to
+    every token of the shortcut ([N, L, C]) by broadcasting."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, h):
+        return self.lin(h.mean(1, keepdim=True))
+
+
+def test_row_mode_broadcasts_the_branch_output_as_the_full_batch_does():
+    keep = [True, False, True, True, False, True, False, True]
+    torch.manual_seed(0)
+    m = StochasticDepth(OneToken(), survival_prob=0.5, mode="row", scaling="train",
+                        gate_generator=RowPattern(keep)).to(DT)
+    x = torch.rand(8, 5, 6, dtype=DT, requires_grad=True)
+    out = m(x)
+    ref = x + torch.tensor(keep, dtype=DT)[:, None, None] / 0.5 * m.branch(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    g = torch.rand_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0],
+                               torch.autograd.grad(ref, x, g)[0], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("branch", [nn.Linear(6, 3), nn.Flatten(1)], ids=["width", "rank"])
+def test_row_mode_branch_output_the_shortcut_cannot_take_is_a_clear_error(branch):
+    keep = [True, False] * 4
+    m = StochasticDepth(branch, survival_prob=0.5, mode="row",
+                        gate_generator=RowPattern(keep))
+    with pytest.raises(ValueError, match=r"branch's output on 4 rows has shape .* does not "
+                                         r"broadcast to the shortcut's rows \(4, 5, 6\)"):
+        m(torch.rand(8, 5, 6))
+
+
 def test_row_mode_gathers_only_when_enough_rows_drop():
     """Below ``gather_min_drop`` of the batch dropped, a per-sample branch runs on every
     row and is masked (cheaper than gathering, same result); at or above it, gathered."""

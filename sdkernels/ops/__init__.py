@@ -15,11 +15,11 @@ from .dispatch import (SHORTCUT, batch_norm_add_relu, conv_bn_relu, fused_applie
                        scale_bias_add_relu)
 from .folding import FoldCache, clear_cache
 from .fused_block import ConvBN
-from .plan import BranchPlan, StemPlan, branch_plan, stem_plan, train_stages
+from .plan import BranchPlan, StemPlan, branch_plan, has_hooks, stem_plan, train_stages
 
 __all__ = ["residual_block", "conv_bn_relu", "implementation", "fused_applies", "row_path",
            "SHORTCUT",
            "scale_bias_add_relu", "batch_norm_add_relu", "residual_branch_train", "ConvBN",
-           "BranchPlan", "StemPlan", "branch_plan", "stem_plan", "train_stages", "FoldCache",
-           "clear_cache", "resolve_backend", "reference", "extension", "fused_block",
+           "BranchPlan", "StemPlan", "branch_plan", "has_hooks", "stem_plan", "train_stages",
+           "FoldCache", "clear_cache", "resolve_backend", "reference", "extension", "fused_block",
            "folding", "folded_eval", "plan"]

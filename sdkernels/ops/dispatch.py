@@ -180,7 +180,12 @@ def residual_block(x: torch.Tensor, plan: BranchPlan, gate_scale: float,
     if fused is not None:
         return fused(x, residual, train_stages(plan), gate_scale)
     y = plan.branch(x)
-    return _norm_add_relu(plan.last_norm, y, x if residual is None else residual, gate_scale)
+    residual = x if residual is None else residual
+    if plan.hooked:  # the block's own modules, as its forward calls them, hooks and all
+        z = plan.last_norm(y)
+        out = (z if gate_scale == 1.0 else z * gate_scale) + residual
+        return torch.relu(out) if plan.relu is None else plan.relu(out)
+    return _norm_add_relu(plan.last_norm, y, residual, gate_scale)
 
 
 def _norm_add_relu(bn, y, residual, gate_scale: float):

@@ -117,6 +117,9 @@ class BranchPlan:
     branch: Callable             # the modules' branch up to its last norm (module path)
     last_norm: nn.Module
     parameters: Callable         # the block's parameters (eval folding has no autograd)
+    relu: object = None          # the block's ReLU module (None: torch.relu)
+    hooked: bool = False         # a module of the block has hooks: the module path calls
+                                 # last_norm, shortcut and relu as modules, so they run
 
     kind = "block"
 
@@ -152,17 +155,22 @@ class StemPlan:
 
 
 def branch_plan(stages, shortcut_module, *, training: bool, branch: Callable,
-                last_norm: nn.Module, parameters: Callable) -> BranchPlan:
+                last_norm: nn.Module, parameters: Callable, relu=None) -> BranchPlan:
     """The plan of a residual block from its modules (what ``blocks`` calls)."""
     stages = tuple(stages)
-    fusable = (all(_fusable_conv(c) for c, _ in stages)
-               and not has_hooks([m for st in stages for m in st]))
+    # every module the block's forward would call: a hook on any of them (the final
+    # ReLU, the projection shortcut folded in eval) must run
+    mods = [m for st in stages for m in st] + ([relu] if isinstance(relu, nn.Module) else [])
+    if isinstance(shortcut_module, nn.Module):
+        mods += list(shortcut_module.modules())
+    hooked = has_hooks(mods)
+    fusable = all(_fusable_conv(c) for c, _ in stages) and not hooked
     if fusable and training:
         fusable = all(type(b) is nn.BatchNorm2d and b.training for _, b in stages)
     elif fusable:
         fusable = all(_bn_with_running_stats(b) and not b.training for _, b in stages)
     return BranchPlan(stages, shortcut_of(shortcut_module), training, fusable, branch,
-                      last_norm, parameters)
+                      last_norm, parameters, relu, hooked)
 
 
 def stem_plan(conv, bn, relu) -> StemPlan:
