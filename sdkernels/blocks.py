@@ -69,8 +69,9 @@ class StochasticDepthBlock(GatedResidual):
     def __setstate__(self, state):
         # whole-model pickles from before the fold cache object
         super().__setstate__(state)
-        if "_min_rows" not in state and "min_rows" not in state:
-            self._min_rows = 2 if branch_has_batchnorm(self._branch_modules()) else 1
+        # before 89b2d18 a ResNet block stored the generic default 1 even with BatchNorm
+        if self._min_rows < 2 and branch_has_batchnorm(self._branch_modules()):
+            self._min_rows = 2
         if "_fold_cache" not in self.__dict__:
             self._fold_cache = ops.FoldCache()
 
@@ -88,22 +89,28 @@ class StochasticDepthBlock(GatedResidual):
 
     def _dropped(self, x, r=None):
         m = self.shortcut_module
-        # block inputs are post-ReLU in every ResNet: relu(x) is x (design §2)
-        if layers.is_identity(m):
-            out = x
-        else:
-            # inline, not _final_relu: under torch.compile this frame may run eagerly (an
-            # identity drop traces nothing) and every function it calls would then be
-            # compiled as a frame of its own
-            relu = self._modules.get("relu")
-            hooked = relu is not None and (relu._forward_hooks or relu._forward_pre_hooks)
-            out = relu(m(x)) if hooked else torch.relu(m(x))
+        out = x if layers.is_identity(m) else m(x)
+        # The block's ReLU after the add, as a module only where a hook must see it (on a
+        # copy: it is in place in torchvision, and `out` is the input or the shortcut's
+        # own output). Checked inline: under torch.compile this frame may run eagerly (an
+        # identity drop traces nothing), and a function called from it would be compiled
+        # as a frame of its own.
+        relu = self._modules.get("relu")
+        if relu is not None and (relu._forward_hooks or relu._forward_pre_hooks
+                                 or relu._backward_hooks or relu._backward_pre_hooks):
+            out = relu(out.clone())
+        elif out is not x:
+            out = torch.relu(out)  # block inputs are post-ReLU: relu(x) is x (design §2)
         return self._tie_zero_grads(out, self._branch_params)
 
-    def _final_relu(self, t):
-        # the block's ReLU module where a hook on it must see the call, else functional
+    def _relu_hooked(self) -> bool:
         relu = self._modules.get("relu")
-        return relu(t) if relu is not None and ops.has_hooks([relu]) else torch.relu(t)
+        return relu is not None and ops.has_hooks([relu])
+
+    def _final_relu(self, t):
+        """relu(t) for a fresh ``t``: the block's ReLU module where a hook must see the
+        call, else functional."""
+        return self._modules["relu"](t) if self._relu_hooked() else torch.relu(t)
 
     def branch_plan(self) -> ops.BranchPlan:
         """This block as the ops see it: stages, typed shortcut, mode (design §3)."""
@@ -121,10 +128,17 @@ class StochasticDepthBlock(GatedResidual):
         gate_scale = 1.0 if gate_scale is None else gate_scale
         m = self.shortcut_module
         sc = self._shortcut(x)
+        if self._relu_hooked():
+            # the hook sees the block's output once, all rows: add, then one ReLU call
+            xk = gather_rows(x, idx)
+            z = self._last_norm(self._branch(xk))
+            sck = xk if layers.is_identity(m) else gather_rows(sc, idx)
+            t = (z if gate_scale == 1.0 else z * gate_scale) + sck
+            return self._modules["relu"](copy_rows(sc, idx, t.to(sc.dtype)))
         t = ops.residual_block(gather_rows(x, idx), self.branch_plan(), gate_scale,
                                self._fold_cache,
                                None if layers.is_identity(m) else gather_rows(sc, idx))
-        base = sc if layers.is_identity(m) else self._final_relu(sc)
+        base = sc if layers.is_identity(m) else torch.relu(sc)
         return copy_rows(base, idx, t.to(base.dtype))
 
     def _mask_forward(self, x, r, keep: torch.Tensor, gate_scale):

@@ -28,6 +28,7 @@ from . import families
 from .blocks import BasicBlock, Bottleneck, StochasticDepthBlock
 from .families import ConvertedBlock
 from .gates import GateGenerator
+from .ops import has_hooks
 from .residual import DROP_IMPLS, DROPPED_GRADS, MODES, SCALINGS, GatedResidual, _choice
 from .schedule import check_prob, survival_probs
 
@@ -86,6 +87,15 @@ def _match_layout(m: nn.Module):
     return None, None, why
 
 
+def _hooks_left_behind(m: nn.Module, sc_attr: str) -> bool:
+    """Whether a child that the drop-in block does not call (timm's act1/act2/act3, aa,
+    drop_block) has hooks: then the block converts as a family, whose forward calls
+    them, so that they run. (Its drop path is replaced by a gate either way.)"""
+    calls = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", sc_attr, "drop_path"}
+    return any(has_hooks(list(c.modules())) for n, c in m._modules.items()
+               if c is not None and n not in calls)
+
+
 def _classify(m: nn.Module):
     """How ``m`` converts: ("converted", None), ("resnet", None) for the fused blocks,
     ("family", Family), ("skip", None) for a known block without a residual, ("error",
@@ -94,9 +104,11 @@ def _classify(m: nn.Module):
         return "converted", None
     why = None
     if _looks_like_block(m):
-        layout, _, why = _match_layout(m)
-        if layout is not None:
+        layout, _, detail = _match_layout(m)  # detail: the shortcut attribute, or why not
+        if layout is not None and not _hooks_left_behind(m, detail):
             return "resnet", None
+        why = (detail if layout is None else
+               f"{layout}: a child its drop-in block does not call has hooks")
     fam, verdict = families.recognise(m)
     if fam is not None:
         return ("skip", None) if verdict == families.SKIP else ("family", fam)

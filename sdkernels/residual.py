@@ -181,12 +181,11 @@ def _broadcast_rows(f: torch.Tensor, sc: torch.Tensor, k: int) -> torch.Tensor:
     full batch adds them (a branch giving one token per sample, [N, 1, C], against
     [N, L, C]); an output the shortcut cannot take is a ValueError, not a wrong add."""
     shape = (k,) + tuple(sc.shape[1:])
-    if f.dim() == sc.dim():
-        try:
-            if torch.broadcast_shapes(f.shape, shape) == torch.Size(shape):
-                return f.expand(shape)
-        except RuntimeError:
-            pass
+    try:
+        if torch.broadcast_shapes(f.shape, shape) == torch.Size(shape):
+            return f.expand(shape)
+    except RuntimeError:
+        pass
     raise ValueError(f"row mode: the branch's output on {k} rows has shape {tuple(f.shape)}, "
                      f"which does not broadcast to the shortcut's rows {shape}")
 
@@ -472,8 +471,9 @@ class GatedResidual(nn.Module):
             xk = gather_rows(x, idx)
             hk = xk if r.pre is None else r.pre(xk)
         f = r.branch(hk, *[gather_rows(a, idx) for a in r.row_args])
-        # (rows are compared from dim 1: dim 0 is the unbacked survivor count under compile)
-        if f.dim() != sc.dim() or f.shape[1:] != sc.shape[1:]:
+        # under compile dim 0 is the unbacked survivor count: compared from dim 1 there
+        if (f.dim() != sc.dim() or f.shape[1:] != sc.shape[1:]
+                or (not torch.compiler.is_compiling() and f.shape[0] != idx.shape[0])):
             f = _broadcast_rows(f, sc, idx.shape[0])
         dt = torch.promote_types(sc.dtype, f.dtype)
         out = add_rows(sc.to(dt), idx, f.to(dt), s)

@@ -620,6 +620,29 @@ def test_hooks_on_identity_children_fire():
         assert sorted(calls) == ["converted", "ref"]
 
 
+@pytest.mark.parametrize("child", ["act1", "act2", "aa", "drop_block"])
+def test_hooks_on_timm_resnet_children_the_drop_in_block_drops_run(child):
+    """A timm ResNet block converts to the fused drop-in block, which calls neither its
+    activations nor its (inactive) aa/drop_block; with a hook on one of them it converts
+    as a family instead, whose forward calls them."""
+    import timm
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet18", num_classes=3).double()
+    model = copy.deepcopy(ref)
+    calls = []
+    for tag, m in (("ref", ref), ("converted", model)):
+        m.layer1[0].get_submodule(child).register_forward_hook(
+            lambda mod, a, o, tag=tag: calls.append(tag) or o * 0.5 + 1)
+    sdkernels.convert(model, p_last=1.0, seed=0)
+    assert isinstance(model.layer1[0], ConvertedBlock)
+    assert isinstance(model.layer1[1], sdkernels.BasicBlock)  # no hook: the fused block
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for training in (False, True):
+        calls.clear()
+        _assert_close_rel(model.train(training)(x), ref.train(training)(x), f"hooked {child}")
+        assert sorted(calls) == ["converted", "ref"]
+
+
 def test_a_family_block_registered_twice_is_refused():
     import timm
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, drop_path_rate=0.2,

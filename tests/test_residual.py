@@ -414,12 +414,40 @@ def test_resnet_block_with_one_survivor_runs_masked(monkeypatch):
 
 
 def test_resnet_block_from_an_older_pickle_gets_its_row_minimum():
+    # ResNet blocks used to store the generic default, 1, whatever their branch
     b = sdkernels.BasicBlock(4, 4, mode="row")
-    state = dict(b.__dict__)
-    del state["_min_rows"]
+    state = dict(b.__dict__, _min_rows=1)
     fresh = sdkernels.BasicBlock.__new__(sdkernels.BasicBlock)
     fresh.__setstate__(state)
     assert fresh.min_rows == 2
+
+
+@pytest.mark.parametrize("shortcut", ["identity", "projection"])
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_a_hook_on_the_final_relu_sees_the_block_output_once(mode, shortcut):
+    """With a hook on the block's ReLU (torchvision's, in place), a dropped block or a
+    row-mode step calls it once on the block's whole output (after the branch's own
+    call on the rows that run), and never writes into the input or the shortcut's
+    output."""
+    keep = [False, True, False, True]  # batch mode: dropped (the pattern's first entry)
+    torch.manual_seed(0)
+    down = (None if shortcut == "identity" else
+            nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)))
+    b = sdkernels.BasicBlock(4, 4, downsample=down, survival_prob=0.5, mode=mode,
+                             gate_generator=RowPattern(keep)).to(DT)
+    seen, shortcut_out = [], []
+    b.relu.register_forward_hook(lambda m, a, o: seen.append(o.clone()))
+    if down is not None:
+        down.register_forward_hook(lambda m, a, o: shortcut_out.append((o, o.clone())))
+    x = torch.rand(4, 4, 3, 3, dtype=DT) - 0.5
+    x0 = x.clone()
+    with sdkernels.use_backend("reference"):
+        out = b(x)
+    assert len(seen) == (1 if mode == "batch" else 2)
+    torch.testing.assert_close(seen[-1], out, rtol=0, atol=0)
+    torch.testing.assert_close(x, x0, rtol=0, atol=0)
+    for o, copy_of_o in shortcut_out:
+        torch.testing.assert_close(o, copy_of_o, rtol=0, atol=0)
 
 
 class OneToken(nn.Module):
@@ -434,10 +462,23 @@ class OneToken(nn.Module):
         return self.lin(h.mean(1, keepdim=True))
 
 
-def test_row_mode_broadcasts_the_branch_output_as_the_full_batch_does():
+class Shared(nn.Module):
+    """A branch whose output does not depend on the sample: [1, L, C] or [L, C]."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(shape))
+
+    def forward(self, h):
+        return self.w * 1.0
+
+
+@pytest.mark.parametrize("branch", [OneToken, lambda: Shared((1, 5, 6)), lambda: Shared((5, 6))],
+                         ids=["[N,1,C]", "[1,L,C]", "[L,C]"])
+def test_row_mode_broadcasts_the_branch_output_as_the_full_batch_does(branch):
     keep = [True, False, True, True, False, True, False, True]
     torch.manual_seed(0)
-    m = StochasticDepth(OneToken(), survival_prob=0.5, mode="row", scaling="train",
+    m = StochasticDepth(branch(), survival_prob=0.5, mode="row", scaling="train",
                         gate_generator=RowPattern(keep)).to(DT)
     x = torch.rand(8, 5, 6, dtype=DT, requires_grad=True)
     out = m(x)
@@ -448,7 +489,7 @@ def test_row_mode_broadcasts_the_branch_output_as_the_full_batch_does():
                                torch.autograd.grad(ref, x, g)[0], rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("branch", [nn.Linear(6, 3), nn.Flatten(1)], ids=["width", "rank"])
+@pytest.mark.parametrize("branch", [nn.Linear(6, 3), nn.Flatten(1)], ids=["width", "shape"])
 def test_row_mode_branch_output_the_shortcut_cannot_take_is_a_clear_error(branch):
     keep = [True, False] * 4
     m = StochasticDepth(branch, survival_prob=0.5, mode="row",
