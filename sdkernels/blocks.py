@@ -130,10 +130,8 @@ class StochasticDepthBlock(GatedResidual):
         sc = self._shortcut(x)
         if self._relu_hooked():
             # the hook sees the block's output once, all rows: add, then one ReLU call
-            xk = gather_rows(x, idx)
-            z = self._last_norm(self._branch(xk))
-            sck = xk if layers.is_identity(m) else gather_rows(sc, idx)
-            t = (z if gate_scale == 1.0 else z * gate_scale) + sck
+            t = ops.modules_add(gather_rows(x, idx), self.branch_plan(), gate_scale,
+                                None if layers.is_identity(m) else gather_rows(sc, idx))
             return self._modules["relu"](copy_rows(sc, idx, t.to(sc.dtype)))
         t = ops.residual_block(gather_rows(x, idx), self.branch_plan(), gate_scale,
                                self._fold_cache,

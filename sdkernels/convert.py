@@ -51,6 +51,9 @@ _LAYOUTS = {
     "CIFAR BasicBlock": (("conv1", "bn1", "conv2", "bn2", "shortcut"), (), BasicBlock,
                          "shortcut"),
 }
+# The children a drop-in block takes over (with `relu` and the shortcut); others stay
+# behind in `_sd_origin` for revert.
+_DROP_IN_CHILDREN = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
 # Children a timm block may carry that must be inactive for the plain semantics.
 _MUST_BE_INACTIVE = ("drop_block", "aa", "se")
 _ACTIVATIONS = ("relu", "act1", "act2", "act3")
@@ -91,7 +94,7 @@ def _hooks_left_behind(m: nn.Module, sc_attr: str) -> bool:
     """Whether a child that the drop-in block does not call (timm's act1/act2/act3, aa,
     drop_block) has hooks: then the block converts as a family, whose forward calls
     them, so that they run. (Its drop path is replaced by a gate either way.)"""
-    calls = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", sc_attr, "drop_path"}
+    calls = {*_DROP_IN_CHILDREN, "relu", sc_attr, "drop_path"}
     return any(has_hooks(list(c.modules())) for n, c in m._modules.items()
                if c is not None and n not in calls)
 
@@ -165,8 +168,7 @@ def _to_stochastic(block: nn.Module) -> StochasticDepthBlock:
     layout, target, sc_attr = _match_layout(block)
     sd = target.__new__(target)
     nn.Module.__init__(sd)
-    keep = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
-    for n in keep:
+    for n in _DROP_IN_CHILDREN:
         if n in block._modules:
             setattr(sd, n, block._modules[n])
     sd.relu = block._modules["relu"] if "relu" in block._modules else nn.ReLU(inplace=True)

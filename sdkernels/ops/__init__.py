@@ -11,14 +11,14 @@ from __future__ import annotations
 from . import extension, folded_eval, folding, fused_block, plan, reference
 from ..backends import resolve_backend
 from .dispatch import (SHORTCUT, batch_norm_add_relu, conv_bn_relu, fused_applies,
-                       implementation, residual_block, residual_branch_train, row_path,
-                       scale_bias_add_relu)
+                       implementation, modules_add, residual_block, residual_branch_train,
+                       row_path, scale_bias_add_relu)
 from .folding import FoldCache, clear_cache
 from .fused_block import ConvBN
 from .plan import BranchPlan, StemPlan, branch_plan, has_hooks, stem_plan, train_stages
 
-__all__ = ["residual_block", "conv_bn_relu", "implementation", "fused_applies", "row_path",
-           "SHORTCUT",
+__all__ = ["residual_block", "modules_add", "conv_bn_relu", "implementation", "fused_applies",
+           "row_path", "SHORTCUT",
            "scale_bias_add_relu", "batch_norm_add_relu", "residual_branch_train", "ConvBN",
            "BranchPlan", "StemPlan", "branch_plan", "has_hooks", "stem_plan", "train_stages",
            "FoldCache", "clear_cache", "resolve_backend", "reference", "extension", "fused_block",

@@ -179,13 +179,18 @@ def residual_block(x: torch.Tensor, plan: BranchPlan, gate_scale: float,
         residual = plan.shortcut.residual(x)
     if fused is not None:
         return fused(x, residual, train_stages(plan), gate_scale)
-    y = plan.branch(x)
-    residual = x if residual is None else residual
     if plan.hooked:  # the block's own modules, as its forward calls them, hooks and all
-        z = plan.last_norm(y)
-        out = (z if gate_scale == 1.0 else z * gate_scale) + residual
+        out = modules_add(x, plan, gate_scale, residual)
         return torch.relu(out) if plan.relu is None else plan.relu(out)
-    return _norm_add_relu(plan.last_norm, y, residual, gate_scale)
+    y = plan.branch(x)
+    return _norm_add_relu(plan.last_norm, y, x if residual is None else residual, gate_scale)
+
+
+def modules_add(x: torch.Tensor, plan: BranchPlan, gate_scale: float, residual=None):
+    """residual + gate_scale * last_norm(branch(x)), every step a module call (their
+    hooks run), before the block's final ReLU; ``residual`` None: x itself."""
+    z = plan.last_norm(plan.branch(x))
+    return (z if gate_scale == 1.0 else z * gate_scale) + (x if residual is None else residual)
 
 
 def _norm_add_relu(bn, y, residual, gate_scale: float):
